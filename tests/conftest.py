@@ -1,0 +1,31 @@
+"""Shared fixtures: the real-data folder (skipped when absent) and tiny model configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """`$AR3D_DATA`, else `../shared/data` beside the repository; None when absent."""
+    env = os.environ.get("AR3D_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if (path / "manifest.json").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real data folder not found (set AR3D_DATA or put shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def manifest(shared_data: Path) -> list[dict]:
+    return json.loads((shared_data / "manifest.json").read_text())["cases"]
