@@ -1,0 +1,442 @@
+"""Read and write 3D medical volumes (NIfTI, NRRD, MHA/MHD, DICOM series) with their full geometry.
+
+A `Volume` keeps the voxels in the file's own index order `(i, j, k)` and a 4x4 `affine` mapping
+`(i, j, k, 1)` to RAS+ world millimetres (the NIfTI / nibabel convention). NIfTI goes through
+nibabel; NRRD, MetaImage and DICOM through SimpleITK, whose LPS geometry is converted on read and
+back on write. Every problem with a file raises `Ar3dInputError` ("<path>: <problem>"), and the
+header is checked before any voxel is allocated.
+
+napari shows the array in ITK order `(k, j, i)` (a transposed view) with world coordinates in LPS
+millimetres, reversed: `(z, y, x)`. So a napari world point read backwards is the ITK / DICOM
+physical point of the voxel. `napari_affine` / `ras_affine` convert the geometry between the two.
+
+This module never imports torch, napari or Qt.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import Ar3dInputError
+
+DEFAULT_MAX_VOXELS = 1024**3 // 2  # 512 Mi voxels: 2 GiB as float32
+MAX_VOXELS_ENV = "AR3D_MAX_VOXELS"
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm",)
+WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+_LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: flip x and y (its own inverse)
+_LPS4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+_REVERSE4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # (x,y,z) <-> (z,y,x)
+_TAG_SERIES_UID, _TAG_DESCRIPTION, _TAG_MODALITY = "0020|000e", "0008|103e", "0008|0060"
+
+
+@dataclass
+class Volume:
+    """A 3D scan: voxels in file index order `(i, j, k)` and the RAS+ affine of that grid."""
+
+    array: np.ndarray  # (I, J, K)
+    affine: np.ndarray  # (4, 4) float64: (i, j, k, 1) -> RAS+ mm
+    path: str | None = None
+    meta: dict = field(default_factory=dict)  # format, modality, DICOM series uid, NIfTI header codes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along i, j, k, shape (3,)."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of i, j, k, e.g. "RAS" or "LPS"."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def volume_format(path: str | os.PathLike) -> str | None:
+    """"nifti", "itk", "dicom" or None (not a volume this module reads), from the name (a folder: its files)."""
+    path = Path(path)
+    if path.is_dir():
+        return "dicom" if is_dicom_dir(path) else None
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    return None
+
+
+def is_dicom_dir(path: str | os.PathLike, max_files: int = 20) -> bool:
+    """True when one of the first `max_files` files in the folder is DICOM (".dcm" or the DICM preamble)."""
+    with os.scandir(path) as entries:
+        files = [e for e in entries if e.is_file()][:max_files]
+    for entry in files:
+        if entry.name.lower().endswith(".dcm"):
+            return True
+        try:
+            with open(entry.path, "rb") as f:
+                if f.read(132)[128:] == b"DICM":
+                    return True
+        except OSError:  # unreadable file: not evidence either way
+            continue
+    return False
+
+
+def read_volume(
+    path: str | os.PathLike, *, series_uid: str | None = None, max_voxels: int | None = None
+) -> Volume:
+    """Read a NIfTI, NRRD/NHDR, MHA/MHD file or a DICOM folder (or one .dcm file of a series).
+
+    `series_uid` picks one series of a DICOM folder that holds several. `max_voxels` (default
+    `$AR3D_MAX_VOXELS`, else `DEFAULT_MAX_VOXELS`) refuses larger volumes before reading them.
+    Raises `Ar3dInputError` naming the file and the problem.
+    """
+    path = Path(path)
+    max_voxels = _max_voxels(max_voxels)
+    if not path.exists():
+        raise Ar3dInputError("file not found", path)
+    kind = volume_format(path)
+    if kind == "nifti":
+        volume = _read_nifti(path, max_voxels)
+    elif kind == "itk":
+        volume = _read_itk(path, max_voxels)
+    elif kind == "dicom":
+        volume = _read_dicom(path, series_uid, max_voxels)
+    elif path.is_dir():
+        raise Ar3dInputError("folder holds no DICOM files", path)
+    else:
+        raise Ar3dInputError(
+            f"unsupported file type; napari-ar3d reads {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM folder",
+            path,
+        )
+    _check_values(path, volume.array)
+    return volume
+
+
+def _max_voxels(max_voxels: int | None) -> int:
+    if max_voxels is None:
+        value = os.environ.get(MAX_VOXELS_ENV, str(DEFAULT_MAX_VOXELS))
+        try:
+            max_voxels = int(value)
+        except ValueError:
+            raise Ar3dInputError(f"{MAX_VOXELS_ENV}={value!r} is not a whole number of voxels") from None
+    if max_voxels <= 0:
+        raise Ar3dInputError(f"max_voxels must be positive, got {max_voxels}")
+    return max_voxels
+
+
+def _check_shape(path: Path, shape: tuple[int, ...], max_voxels: int) -> tuple[int, int, int]:
+    """The 3D shape of a header's shape (trailing size-1 dims dropped), or an error naming it."""
+    shape = tuple(int(n) for n in shape)
+    squeezed = shape
+    while len(squeezed) > 3 and squeezed[-1] == 1:
+        squeezed = squeezed[:-1]
+    if any(n <= 0 for n in shape):
+        raise Ar3dInputError(f"image has an empty dimension, shape {shape}", path)
+    if len(squeezed) != 3 or min(squeezed) == 1:
+        dims = sum(n > 1 for n in squeezed)
+        raise Ar3dInputError(f"image is {dims}D with shape {shape}; napari-ar3d needs a 3D volume", path)
+    voxels = int(np.prod(squeezed, dtype=object))
+    if voxels > max_voxels:
+        raise Ar3dInputError(
+            f"image shape {shape} has {voxels:,} voxels, more than the limit of {max_voxels:,} "
+            f"(raise it with {MAX_VOXELS_ENV})",
+            path,
+        )
+    return squeezed
+
+
+def _check_values(path: Path, array: np.ndarray) -> None:
+    if array.dtype.kind not in "buif":
+        raise Ar3dInputError(f"voxel type {array.dtype} is not supported; need real scalar voxels", path)
+    if array.dtype.kind == "f" and not np.isfinite(array).any():
+        raise Ar3dInputError("every voxel is NaN or infinite", path)
+
+
+def _read_nifti(path: Path, max_voxels: int) -> Volume:
+    try:
+        image = nib.load(path, mmap=False)
+    except nib.filebasedimages.ImageFileError as e:
+        if "not a gzip file" in str(e):
+            raise Ar3dInputError("file is named .gz but is not gzip-compressed", path) from None
+        problem = "not a NIfTI image (no valid NIfTI header: wrong magic or truncated header)"
+        raise Ar3dInputError(problem, path) from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise Ar3dInputError(f"cannot read the NIfTI header ({_first_line(e)})", path) from None
+    header = image.header
+    shape = _check_shape(path, header.get_data_shape(), max_voxels)
+    dtype = header.get_data_dtype()
+    declared = f"header declares shape {header.get_data_shape()} of {dtype}"
+    if not path.name.lower().endswith(".gz"):
+        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * dtype.itemsize
+        if path.stat().st_size < needed:
+            size = path.stat().st_size
+            raise Ar3dInputError(f"file is truncated: {declared} ({needed} bytes) but holds {size} bytes", path)
+    try:
+        array = np.asanyarray(image.dataobj)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise Ar3dInputError(f"compressed data is truncated or corrupt ({_first_line(e)})", path) from None
+    except OSError:
+        raise Ar3dInputError(f"file is truncated: {declared} but the data is shorter", path) from None
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    meta = {
+        "format": "nifti",
+        "modality": None,
+        "nifti": {"sform_code": sform_code, "qform_code": qform_code, "xyz_units": header.get_xyzt_units()[0]},
+    }
+    return Volume(array.reshape(shape), image.affine.astype(np.float64), str(path), meta)
+
+
+def _read_itk(path: Path, max_voxels: int) -> Volume:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise Ar3dInputError("not a readable NRRD / MetaImage file (its header could not be parsed)", path) from None
+    if reader.GetNumberOfComponents() != 1:
+        raise Ar3dInputError(
+            f"image has {reader.GetNumberOfComponents()} components per voxel; napari-ar3d needs a scalar volume",
+            path,
+        )
+    shape = _check_shape(path, reader.GetSize(), max_voxels)
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        raise Ar3dInputError(
+            f"voxel data could not be read (file truncated or corrupt; header declares shape {reader.GetSize()})", path
+        ) from None
+    file_format = "nrrd" if path.name.lower().endswith((".nrrd", ".nhdr")) else "metaimage"
+    return _volume_from_sitk(image, shape, path, {"format": file_format, "modality": None})
+
+
+def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
+    folder = path if path.is_dir() else path.parent
+    if series_uid is None and not path.is_dir():
+        series_uid = _dicom_tags(path).get(_TAG_SERIES_UID)  # a .dcm file picks its own series
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise Ar3dInputError("no DICOM series found", path)
+    if series_uid is None and len(uids) > 1:
+        listing = "; ".join(_describe_series(folder, uid) for uid in uids)
+        raise Ar3dInputError(f"folder holds {len(uids)} DICOM series, pass series_uid= one of: {listing}", path)
+    uid = series_uid if series_uid is not None else uids[0]
+    if uid not in uids:
+        raise Ar3dInputError(f"no DICOM series with uid {uid!r}; found {', '.join(uids)}", path)
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    try:
+        first.ReadImageInformation()
+    except RuntimeError:
+        raise Ar3dInputError(f"cannot read the DICOM header of {Path(files[0]).name}", path) from None
+    width, height = first.GetSize()[:2]
+    shape = _check_shape(path, (width, height, len(files)), max_voxels)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        problem = f"DICOM series {uid} could not be read (slices missing, corrupt or of unequal size)"
+        raise Ar3dInputError(problem, path) from None
+    tags = _dicom_tags(Path(files[0]))
+    meta = {
+        "format": "dicom",
+        "modality": tags.get(_TAG_MODALITY),
+        "series_uid": uid,
+        "series_description": tags.get(_TAG_DESCRIPTION, ""),
+        "files": len(files),
+    }
+    return _volume_from_sitk(image, shape, folder, meta)
+
+
+def _dicom_tags(file: Path) -> dict[str, str]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise Ar3dInputError("not a readable DICOM file", file) from None
+    keys = (_TAG_SERIES_UID, _TAG_DESCRIPTION, _TAG_MODALITY)
+    return {key: reader.GetMetaData(key).strip() for key in keys if reader.HasMetaDataKey(key)}
+
+
+def _describe_series(folder: Path, uid: str) -> str:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    description = _dicom_tags(Path(files[0])).get(_TAG_DESCRIPTION, "")
+    return f"{uid} ({description!r}, {len(files)} slices)"
+
+
+def _volume_from_sitk(image: sitk.Image, shape: tuple[int, int, int], path: Path, meta: dict) -> Volume:
+    ndim = image.GetDimension()
+    direction = np.array(image.GetDirection()).reshape(ndim, ndim)[:3, :3]
+    spacing = np.array(image.GetSpacing()[:3])
+    origin = np.array(image.GetOrigin()[:3])
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ direction * spacing  # scale column n by spacing n
+    affine[:3, 3] = _LPS @ origin
+    array = sitk.GetArrayFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)  # (k, j, i) -> (i, j, k)
+    return Volume(array, affine, str(path), meta)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_volume(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    kind: Literal["labels", "float"],
+    like: Volume | None = None,
+) -> Path:
+    """Write a 3D `(i, j, k)` array with its RAS+ `affine` to .nii/.nii.gz/.nrrd/.mha/.mhd, atomically.
+
+    `kind="labels"` stores the smallest integer type that holds the values (they must be whole
+    numbers); `kind="float"` stores float32. `like`, a NIfTI `Volume`, lends its header codes and
+    units. The file appears complete or not at all: it is written in a temporary folder beside
+    `path`, synced, then renamed.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_SUFFIXES):
+        raise Ar3dInputError(f"cannot write this file type; use one of {', '.join(WRITE_SUFFIXES)}", path)
+    if not path.parent.is_dir():
+        raise Ar3dInputError(f"folder {path.parent} does not exist", path)
+    data = _output_array(path, np.asarray(array), kind)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise Ar3dInputError(f"affine must be a finite invertible 4x4 matrix, got {affine.tolist()}", path)
+    try:
+        with _atomic_output(path) as tmp:
+            if path.name.lower().endswith(NIFTI_SUFFIXES):
+                _write_nifti(tmp, data, affine, like)
+            else:
+                _write_itk(tmp, data, affine)
+    except (OSError, RuntimeError) as e:
+        raise Ar3dInputError(f"could not write the file ({_first_line(e)})", path) from e
+    return path
+
+
+def _output_array(path: Path, array: np.ndarray, kind: str) -> np.ndarray:
+    """The array in the type that gets written: smallest fitting integer for labels, float32 otherwise."""
+    if array.ndim != 3 or 0 in array.shape:
+        raise Ar3dInputError(f"need a non-empty 3D array to write, got shape {array.shape}", path)
+    if array.dtype.kind not in "buif":
+        raise Ar3dInputError(f"cannot write voxels of type {array.dtype}", path)
+    if kind == "float":
+        return array.astype(np.float32)
+    if kind != "labels":
+        raise Ar3dInputError(f"kind must be 'labels' or 'float', got {kind!r}", path)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise Ar3dInputError("labels must be whole numbers, but the array has fractions, NaN or infinity", path)
+    low, high = array.min(), array.max()
+    candidates = (np.uint8, np.uint16, np.uint32, np.uint64) if low >= 0 else (np.int8, np.int16, np.int32, np.int64)
+    for dtype in candidates:
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return array.astype(dtype)
+    raise Ar3dInputError(f"label values {low}..{high} do not fit a 64-bit integer", path)
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, like: Volume | None) -> None:
+    codes = (like.meta.get("nifti") if like is not None else None) or {}
+    image = nib.Nifti1Image(data, affine)
+    image.set_sform(affine, code=codes.get("sform_code") or 1)  # 1 = scanner, when the source had none
+    image.set_qform(affine, code=codes.get("qform_code") or 1)
+    image.header.set_xyzt_units(xyz=codes.get("xyz_units") or "mm")
+    nib.save(image, path)
+
+
+def _write_itk(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    lps = _LPS @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # (k, j, i)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps / spacing).flatten().tolist())
+    image.SetOrigin((_LPS @ affine[:3, 3]).tolist())
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+@contextmanager
+def _atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a path with the real name in a temporary folder beside `path`; on success move its files in.
+
+    Companion files (a .mhd's .raw/.zraw) move first and the named file last, so a reader never
+    finds a header without its data. On failure the temporary folder goes and `path` is untouched.
+    """
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp_dir / path.name
+        files = sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name)
+        for file in files:
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        for file in files:
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def napari_affine(affine_ras: np.ndarray) -> np.ndarray:
+    """The napari layer affine for data shown as `array.transpose(2, 1, 0)`, world in LPS mm as (z, y, x)."""
+    return _REVERSE4 @ _LPS4 @ np.asarray(affine_ras, dtype=np.float64) @ _REVERSE4
+
+
+def ras_affine(napari_matrix: np.ndarray) -> np.ndarray:
+    """Inverse of `napari_affine`: the RAS+ affine of the `(i, j, k)` array."""
+    return _LPS4 @ _REVERSE4 @ np.asarray(napari_matrix, dtype=np.float64) @ _REVERSE4
+
+
+def to_napari(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """(data `(k, j, i)` view, napari affine) for a napari image or labels layer."""
+    return volume.array.transpose(2, 1, 0), napari_affine(volume.affine)
+
+
+def from_napari(data: np.ndarray, napari_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(array `(i, j, k)` view, RAS+ affine) from napari layer data and its full data-to-world matrix."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise Ar3dInputError(f"napari layer data must be 3D, got shape {data.shape}")
+    return data.transpose(2, 1, 0), ras_affine(napari_matrix)
+
+
+def voxel_to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    """RAS+ mm of voxel indices `ijk`, shape (3,) or (N, 3)."""
+    ijk = np.asarray(ijk, dtype=np.float64)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def world_to_voxel(affine: np.ndarray, xyz_ras: np.ndarray) -> np.ndarray:
+    """Fractional voxel indices of RAS+ points `xyz_ras`, shape (3,) or (N, 3)."""
+    xyz = np.asarray(xyz_ras, dtype=np.float64)
+    return np.linalg.solve(affine[:3, :3], (xyz - affine[:3, 3]).T).T

@@ -1,0 +1,75 @@
+"""napari reader: CT / MRI volumes (NIfTI, NRRD, MHA/MHD, DICOM folder) as image layers in LPS world mm.
+
+The layer shows the volume in ITK order `(k, j, i)` and its `affine` holds the whole data-to-world
+transform (see `model_core.io.napari_affine`); `metadata["ar3d"]` keeps the source geometry.
+No torch here: `model_core.io` is imported inside the functions and imports only nibabel / SimpleITK.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+LayerData = tuple[np.ndarray, dict[str, Any], str]
+
+CT_WINDOW = (-160.0, 240.0)  # soft tissue: level 40 HU, width 400 HU
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """The reader function for `path` (a file, a DICOM folder, or a list of them), or None."""
+    from model_core.io import volume_format
+
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths or any(volume_format(p) is None for p in paths):
+        return None
+    return read_layers
+
+
+def read_layers(path: str | list[str]) -> list[LayerData]:
+    """One image layer per path; raises `Ar3dInputError` for a bad file."""
+    from model_core.io import read_volume, to_napari
+
+    layers = []
+    for p in [path] if isinstance(path, (str, os.PathLike)) else path:
+        volume = read_volume(p)
+        data, affine = to_napari(volume)  # (k, j, i) view, LPS (z, y, x) world
+        geometry = {
+            "path": str(volume.path),
+            "affine_ras": volume.affine.tolist(),
+            "shape_ijk": list(volume.shape),
+            "orientation": volume.orientation,
+            "spacing": volume.spacing.tolist(),
+            "modality": volume.meta.get("modality"),
+        }
+        kwargs = {
+            "name": _layer_name(Path(p)),
+            "affine": affine,
+            "metadata": {"ar3d": geometry},
+            "contrast_limits": contrast_limits(volume.array, volume.meta.get("modality")),
+            "colormap": "gray",
+        }
+        layers.append((data, kwargs, "image"))
+    return layers
+
+
+def contrast_limits(array: np.ndarray, modality: str | None = None) -> tuple[float, float]:
+    """A soft-tissue window for CT (or data that looks like Hounsfield units), else 0.5-99.5th percentiles."""
+    step = max(1, round((array.size / 1_000_000) ** (1 / 3)))  # about a million voxels is plenty
+    sample = array[::step, ::step, ::step].astype(np.float32).ravel()
+    sample = sample[np.isfinite(sample)]
+    low, high = float(sample.min()), float(sample.max())
+    if modality == "CT" or (low <= -500 and high >= 500):  # air is -1000 HU, bone several hundred
+        return CT_WINDOW
+    low, high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def _layer_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
