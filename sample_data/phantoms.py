@@ -139,9 +139,12 @@ def make_ct_abdomen(
 
     labels = np.zeros(shape, np.uint8)
     hu = np.full(shape, -1000.0, np.float32)
-    jitter = lambda: rng.normal(0.0, 6.0)  # noqa: E731  per-structure HU offset
+
+    def jitter() -> float:  # per-structure HU offset
+        return rng.normal(0.0, 6.0)
 
     def paint(mask: np.ndarray, value: float, label: int | None = None) -> None:
+        """Set HU in `mask`, and the label unless None (None: a detail inside the organ already there)."""
         hu[mask] = value
         if label is not None:
             labels[mask] = label
@@ -171,17 +174,16 @@ def make_ct_abdomen(
         paint(cavity & (_ellipsoid(u, v, t, (side * 72, -28, -75), (66, 72, 120)) < 1), -850.0 + jitter(), 7)
     paint(cavity & (_ellipsoid(u, v, t, (-18, 38, -40), (62, 46, 60)) < 1), 40.0 + jitter(), 0)
 
-    organ = cavity
     liver = (_ellipsoid(u, v, t, (62, 2, 70), (74, 80, 72)) < 1) | (
         _ellipsoid(u, v, t, (0, 42, 45), (58, 34, 34)) < 1
     )
-    paint(organ & liver, 58.0 + jitter(), 1)
-    paint(organ & (_ellipsoid(u, v, t, (42, 42, 112), (14, 18, 28)) < 1), 10.0, 0)  # gallbladder
-    paint(organ & (_ellipsoid(u, v, t, (-92, -42, 62), (24, 52, 44), rot_deg=-35) < 1), 45.0 + jitter(), 2)
+    paint(cavity & liver, 58.0 + jitter(), 1)
+    paint(cavity & (_ellipsoid(u, v, t, (42, 42, 112), (14, 18, 28)) < 1), 10.0, 0)  # gallbladder
+    paint(cavity & (_ellipsoid(u, v, t, (-92, -42, 62), (24, 52, 44), rot_deg=-35) < 1), 45.0 + jitter(), 2)
 
     # Stomach in the left upper quadrant: wall, fluid, and gas rising anteriorly (patient supine).
     stomach_c, stomach_r = (-45, 30, 58), (44, 34, 42)
-    stomach = organ & (labels == 0) & (_ellipsoid(u, v, t, stomach_c, stomach_r) < 1)
+    stomach = cavity & (labels == 0) & (_ellipsoid(u, v, t, stomach_c, stomach_r) < 1)
     paint(stomach, 40.0 + jitter(), 8)
     lumen = stomach & (_ellipsoid(u, v, t, stomach_c, tuple(r - 4.0 for r in stomach_r)) < 1)
     paint(lumen, 12.0 + jitter())
@@ -190,14 +192,14 @@ def make_ct_abdomen(
     # Kidneys (the right one lower, under the liver), hila facing antero-medially.
     for label, side, t0 in ((3, 1, 122.0), (4, -1, 108.0)):
         centre = (side * 68, -44, t0 + rng.uniform(-8, 8))
-        kidney = organ & (_ellipsoid(u, v, t, centre, (28, 25, 55), rot_deg=side * 30) < 1)
+        kidney = cavity & (_ellipsoid(u, v, t, centre, (28, 25, 55), rot_deg=side * 30) < 1)
         paint(kidney, 30.0 + jitter(), label)
         medulla = kidney & (_ellipsoid(u, v, t, centre, (16, 14, 38), rot_deg=side * 30) < 1)
         paint(medulla, 18.0 + jitter())
         hilum = (centre[0] - side * 16, centre[1] + 8, centre[2])
         paint(kidney & (_ellipsoid(u, v, t, hilum, (10, 9, 22)) < 1), -60.0 + jitter(), 0)
 
-    _paint_bowel(rng, u, v, t, organ & (labels == 0), paint)
+    _paint_bowel(rng, u, v, t, cavity & (labels == 0), paint)
 
     # Great vessels, muscles around the spine, then the spine itself.
     paint(_ellipsoid(u, v, t, (22, -20, 0), (13, 10, np.inf)) < 1, 40.0 + jitter(), 0)  # IVC
@@ -268,7 +270,8 @@ def make_brain_mri(
     tissue[intracranial & (depth > 2.0)] = 3
     tissue[intracranial & (depth > 2.0) & ((depth < 6.5) | ((gyri < 0.5) & (depth < 18.0)))] = 2
     tissue[intracranial & (gyri < 0.1) & (depth < 14.0)] = 1
-    fissure = intracranial & (_ellipsoid(u, v, w, (0, -6, -8), (np.inf, 52, 24)) > 1)  # above and around the corpus callosum
+    # Interhemispheric fissure, lined with grey matter, above and around the corpus callosum.
+    fissure = intracranial & (_ellipsoid(u, v, w, (0, -6, -8), (np.inf, 52, 24)) > 1)
     tissue[fissure & (np.abs(u) < 5.0) & (tissue == 3)] = 2
     tissue[fissure & (np.abs(u) < 1.3)] = 1
 
@@ -326,7 +329,9 @@ def make_brain_mri(
 
 
 def insert_unexpected_object(phantom: Phantom, seed: int = 0, radius_mm: float = 8.0) -> Phantom:
-    """A copy of `phantom` with a bright sphere (metal-like on CT) somewhere inside the body.
+    """A copy of `phantom` with a bright sphere somewhere inside the body.
+
+    CT: 2500 HU (metal-like); MRI: 1.6 times each contrast's 99.5th percentile inside the brain.
 
     The sphere lies wholly inside `extra["body"]` (CT) or `extra["brainmask"]` (MRI); its mask is
     returned in `extra["unexpected"]`. Labels are left unchanged: the object belongs to no class.
@@ -379,7 +384,9 @@ def _check_spacing(spacing: tuple[float, float, float], where: str) -> tuple[flo
     return tuple(float(s) for s in spacing)
 
 
-def _affine(shape: tuple[int, ...], spacing: tuple[float, ...], signs: tuple[int, ...], centre: tuple) -> np.ndarray:
+def _affine(
+    shape: tuple[int, ...], spacing: tuple[float, ...], signs: tuple[int, ...], centre: tuple
+) -> np.ndarray:
     """Axis-aligned RAS affine whose voxel grid is centred on `centre` (mm)."""
     affine = np.eye(4)
     for axis in range(3):
@@ -407,7 +414,9 @@ def _warped_grid(
     )
 
 
-def _smooth_noise(rng: np.random.Generator, axes: tuple[np.ndarray, ...], box: tuple, scale_mm: float) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, axes: tuple[np.ndarray, ...], box: tuple, scale_mm: float
+) -> np.ndarray:
     """Gaussian-filtered white noise with features of about `scale_mm`, zero mean, unit variance (I, J, K).
 
     The white noise lives on a lattice with one point per `scale_mm` over the fixed physical `box`

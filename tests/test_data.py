@@ -152,6 +152,8 @@ def test_resample_to_grid_oblique_round_trip():
     assert dst_in.mean() > 0.5 and dst_out.any()
     np.testing.assert_allclose(on_dst[dst_in], ramp(world(dst_affine, dst_shape))[dst_in], atol=1e-3)
     assert np.all(on_dst[dst_out] == -99.0)
+    near = ~dst_in & ~dst_out  # within half a source voxel of the grid: the border value, not cval
+    assert near.any() and np.all(on_dst[near] != -99.0)
 
     back = resample_to_grid(on_dst, dst_affine, src_shape, src_affine, order=1)
     # Source voxels whose neighbourhood went through valid destination voxels come back unchanged.
