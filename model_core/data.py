@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,6 +39,9 @@ from .errors import Ar3dInputError
 from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volume
 from .preprocess import PreprocessConfig, as_label_array, normalize_intensity, preprocess_volume, resample_to_grid
 from .progress import ProgressFn, report
+
+if TYPE_CHECKING:
+    from napari_ar3d.sample_data.phantoms import Phantom
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +261,8 @@ def _is_3d_image(path: Path) -> bool:
 
 def _is_dicom_series(folder: Path, files: list[str], max_files: int = 20) -> bool:
     """Whether the folder holds DICOM images (.dcm or the DICM preamble), segmentation objects aside."""
-    candidates = [
-        f for f in sorted(files) if not f.lower().endswith(_IMAGE_SUFFIXES) and not any(w in f.lower() for w in _NOT_IMAGE_WORDS)
-    ]
+    names = [f for f in sorted(files) if not f.lower().endswith(_IMAGE_SUFFIXES)]
+    candidates = [f for f in names if not any(word in f.lower() for word in _NOT_IMAGE_WORDS)]
     for name in candidates[:max_files]:
         if name.lower().endswith(".dcm"):
             return True
@@ -346,7 +348,7 @@ def _read(path: str) -> Volume:
 
 
 @lru_cache(maxsize=2)
-def _phantom(kind: str, seed: int) -> Any:
+def _phantom(kind: str, seed: int) -> Phantom:
     from napari_ar3d.sample_data.phantoms import make_brain_mri, make_ct_abdomen
 
     return make_ct_abdomen(seed) if kind == "ct" else make_brain_mri(seed)
@@ -395,7 +397,6 @@ class PreprocessCache:
         if key in self._lru:
             self._lru.move_to_end(key)
             return self._lru[key]
-        data = None
         if self.cache_dir is not None:
             entry = self.cache_dir / key
             if not (entry / "meta.json").is_file():

@@ -31,6 +31,7 @@ Attention modes (per call)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Sequence
 
@@ -134,11 +135,17 @@ def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int) -> Tensor:
     return torch.cat(parts + [torch.zeros(n, dim - 3 * axis_dim)], dim=1)  # (n, dim)
 
 
-def sequence_pos_embed(grid: tuple[int, int, int], num_subvolumes: int, dim: int) -> Tensor:
-    """Position of every patch token of an S-sub-volume sequence: (S*n, dim) = 3D position + sub-volume index."""
+@functools.lru_cache(maxsize=32)
+def sequence_pos_embed(
+    grid: tuple[int, int, int], num_subvolumes: int, dim: int, device: torch.device | None = None
+) -> Tensor:
+    """Position of every patch token of an S-sub-volume sequence: (S*n, dim) = 3D position + sub-volume index.
+
+    Cached per (grid, S, dim, device), since every training step asks for the same one: do not modify it in place.
+    """
     within = sincos_pos_embed_3d(grid, dim)  # (n, dim)
     index = _sincos_1d(torch.arange(num_subvolumes), dim)  # (S, dim)
-    return within.repeat(num_subvolumes, 1) + index.repeat_interleave(within.shape[0], dim=0)
+    return (within.repeat(num_subvolumes, 1) + index.repeat_interleave(within.shape[0], dim=0)).to(device)
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -160,7 +167,8 @@ def unpatchify(t: Tensor, p: int, grid: tuple[int, int, int], channels: int = 1)
     gx, gy, gz = grid
     if t.ndim != 3 or t.shape[1] != gx * gy * gz or t.shape[2] != p**3 * channels:
         raise Ar3dInputError(
-            f"tokens of shape {tuple(t.shape)} do not fit a {tuple(grid)} grid of {p}^3 patches with {channels} channel(s)"
+            f"tokens of shape {tuple(t.shape)} do not fit a {tuple(grid)} grid "
+            f"of {p}^3 patches with {channels} channel(s)"
         )
     B = t.shape[0]
     x = t.reshape(B, gx, gy, gz, p, p, p, channels)
@@ -294,7 +302,8 @@ class ViT3D(nn.Module):
         p = self.cfg.patch_size
         if any(s < p or s % p for s in volumes.shape[-3:]):
             raise Ar3dInputError(
-                f"volumes of shape {shape}: spatial size {tuple(volumes.shape[-3:])} is not a multiple of the patch size {p}"
+                f"volumes of shape {shape}: spatial size {tuple(volumes.shape[-3:])} "
+                f"is not a multiple of the patch size {p}"
             )
         return volumes
 
@@ -313,7 +322,7 @@ class ViT3D(nn.Module):
         x = self.patch_embed(seq.flatten(0, 1).to(self.patch_embed.weight.dtype))  # (B*S, C, gx, gy, gz)
         x = x.flatten(2).transpose(1, 2)  # (B*S, n, C), z fastest
         x = x.reshape(B, S * x.shape[1], x.shape[2])  # (B, S*n, C), sub-volume after sub-volume
-        x = x + sequence_pos_embed(grid, S, self.cfg.width).to(x)
+        x = x + sequence_pos_embed(grid, S, self.cfg.width, x.device).to(x.dtype)
         start = self.start_token.to(x.dtype).expand(B, -1, -1)  # (B, 1, C)
         return torch.cat([start, x], dim=1)
 
@@ -331,7 +340,8 @@ class ViT3D(nn.Module):
             prefix_len = torch.zeros(batch, dtype=torch.long, device=device)
         if prefix_len.shape != (batch,) or prefix_len.dtype.is_floating_point or prefix_len.dtype == torch.bool:
             raise Ar3dInputError(
-                f"prefix_len must be an integer tensor of shape ({batch},), got {prefix_len.dtype} {tuple(prefix_len.shape)}"
+                f"prefix_len must be an integer tensor of shape ({batch},), "
+                f"got {prefix_len.dtype} {tuple(prefix_len.shape)}"
             )
         if batch and (prefix_len.min() < 0 or prefix_len.max() > length - 1):
             raise Ar3dInputError(f"prefix_len must be in [0, {length - 1}], got {prefix_len.tolist()}")
@@ -383,7 +393,9 @@ class ViT3D(nn.Module):
         mask = self.attention_mask(mode, prefix_len, x.shape[0], x.shape[1], x.device)
         return self.forward_tokens(x, mask, return_blocks=return_blocks, return_attention=return_attention)
 
-    def forward(self, volumes: Tensor, **kwargs) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], list[Tensor]]:
+    def forward(
+        self, volumes: Tensor, **kwargs
+    ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], list[Tensor]]:
         """Same as `forward_features`."""
         return self.forward_features(volumes, **kwargs)
 

@@ -81,7 +81,8 @@ class AutoregressiveObjective(nn.Module):
             prefix_len = sample_prefix_len(B, N)
         elif prefix_len.shape != (B,) or prefix_len.dtype.is_floating_point or prefix_len.dtype == torch.bool:
             raise Ar3dInputError(
-                f"prefix_len must be an integer tensor of shape ({B},), got {prefix_len.dtype} {tuple(prefix_len.shape)}"
+                f"prefix_len must be an integer tensor of shape ({B},), "
+                f"got {prefix_len.dtype} {tuple(prefix_len.shape)}"
             )
         elif prefix_len.min() < 0 or prefix_len.max() >= N:
             raise Ar3dInputError(f"prefix_len must be in [0, {N}) for {N} patch tokens, got {prefix_len.tolist()}")
@@ -161,8 +162,8 @@ class MaskedAutoencoderObjective(nn.Module):
         patches = torch.cat([x[:, 1:], fill], dim=1)  # (B, N, D) in shuffled order
         patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, D))  # sequence order
         seq = self.encoder.sequence(volumes)
-        pos = sequence_pos_embed(self.encoder.grid(seq.shape[-3:]), seq.shape[1], D)  # (N, D)
-        x = torch.cat([x[:, :1], patches + pos.to(patches)], dim=1)  # (B, 1+N, D)
+        pos = sequence_pos_embed(self.encoder.grid(seq.shape[-3:]), seq.shape[1], D, x.device)  # (N, D)
+        x = torch.cat([x[:, :1], patches + pos.to(x.dtype)], dim=1)  # (B, 1+N, D)
         for block in self.decoder_blocks:
             x, _ = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]

@@ -96,7 +96,7 @@ def resample_to_grid(
     dst_affine = np.asarray(dst_affine, dtype=np.float64)
     dst_shape = tuple(int(n) for n in dst_shape)
     if dst_affine.shape != (4, 4) or len(dst_shape) != 3 or min(dst_shape) < 1:
-        raise ValueError(f"destination grid must be a 3D shape and a 4x4 affine, got {dst_shape} and {dst_affine.shape}")
+        raise ValueError(f"destination grid must be a 3D shape and a 4x4 affine, got {dst_shape}, {dst_affine.shape}")
     if order > 0 and array.dtype.kind != "f":
         array = array.astype(np.float32)
     to_src = np.linalg.inv(src_affine) @ dst_affine  # destination voxel -> source voxel
@@ -105,9 +105,8 @@ def resample_to_grid(
         matrix = np.diag(matrix)  # axis-aligned: scipy takes its faster zoom-and-shift path
     out = ndi.affine_transform(array, matrix, offset=offset, output_shape=dst_shape, order=order, mode="nearest")
     # Nearest-neighbour sampling of a ones-array marks destination voxels within half a voxel of the source grid.
-    inside = ndi.affine_transform(
-        np.ones(array.shape, dtype=np.uint8), matrix, offset=offset, output_shape=dst_shape, order=0, mode="grid-constant"
-    )
+    ones = np.ones(array.shape, dtype=np.uint8)
+    inside = ndi.affine_transform(ones, matrix, offset=offset, output_shape=dst_shape, order=0, mode="grid-constant")
     out[inside == 0] = cval
     return out
 

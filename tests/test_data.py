@@ -69,6 +69,18 @@ def world(affine: np.ndarray, shape) -> np.ndarray:
     return (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *shape)
 
 
+def voxels_in(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    """Voxel coordinates, in the grid of `affine`, of world points (3, ...)."""
+    inv = np.linalg.inv(affine)
+    return np.einsum("ij,j...->i...", inv[:3, :3], xyz) + inv[:3, 3].reshape(3, *[1] * (xyz.ndim - 1))
+
+
+def within(ijk: np.ndarray, shape, margin: float = 0.0) -> np.ndarray:
+    """Whether voxel coordinates (3, ...) lie in a grid of `shape`, widened by `margin` voxels."""
+    upper = np.array(shape).reshape(3, *[1] * (ijk.ndim - 1)) - 1
+    return np.all((ijk >= -margin) & (ijk <= upper + margin), axis=0)
+
+
 def ramp(xyz: np.ndarray) -> np.ndarray:
     """A linear function of world position: trilinear interpolation reproduces it exactly."""
     return (0.5 * xyz[0] - 0.25 * xyz[1] + 0.75 * xyz[2] + 3.0).astype(np.float32)
@@ -96,7 +108,8 @@ def test_reorient_to_ras_keeps_world_positions(matrix):
     np.testing.assert_allclose(src[:3], src_idx, atol=1e-9)
     np.testing.assert_array_equal(out.reshape(-1), array[tuple(src_idx)])
     # Axes now point along R, A, S (for the oblique grid: the nearest ones).
-    assert np.all(np.diag(out_affine[:3, :3]) > np.abs(out_affine[:3, :3] - np.diag(np.diag(out_affine[:3, :3]))).max(0))
+    matrix = out_affine[:3, :3]
+    assert np.all(np.diag(matrix) > np.abs(matrix - np.diag(np.diag(matrix))).max(0))
     assert sorted(out.shape) == sorted(array.shape)
 
 
@@ -112,8 +125,7 @@ def test_resample_to_spacing_keeps_centre_shape_and_values():
     np.testing.assert_array_equal(np.sign(np.diag(out_affine)[:3]), np.sign(np.diag(affine)[:3]))
     # Voxels whose centres lie inside the source grid hold the ramp at their world position.
     expected = ramp(world(out_affine, out.shape))
-    src = np.einsum("ij,j...->i...", np.linalg.inv(affine[:3, :3]), world(out_affine, out.shape) - affine[:3, 3, None, None, None])
-    inside = np.all((src >= 0) & (src <= np.array(shape)[:, None, None, None] - 1), axis=0)
+    inside = within(voxels_in(affine, world(out_affine, out.shape)), shape)
     assert inside.mean() > 0.8
     np.testing.assert_allclose(out[inside], expected[inside], atol=1e-3)
 
@@ -142,10 +154,7 @@ def test_resample_to_grid_oblique_round_trip():
     on_dst = resample_to_grid(image, src_affine, dst_shape, dst_affine, order=1, cval=-99.0)
 
     def inside(affine_from, shape_from, affine_to, shape_to, margin):
-        p = np.einsum("ij,j...->i...", np.linalg.inv(affine_to)[:3, :3], world(affine_from, shape_from))
-        p += np.linalg.inv(affine_to)[:3, 3, None, None, None]
-        upper = np.array(shape_to)[:, None, None, None] - 1
-        return np.all((p >= -margin) & (p <= upper + margin), axis=0)
+        return within(voxels_in(affine_to, world(affine_from, shape_from)), shape_to, margin)
 
     dst_in = inside(dst_affine, dst_shape, src_affine, src_shape, 0.0)
     dst_out = ~inside(dst_affine, dst_shape, src_affine, src_shape, 0.5)
@@ -183,7 +192,8 @@ def test_preprocess_then_to_source_gives_back_the_labels():
     labels[16:28, 2:12, 10:17] = 2
     image = (labels * 100 + rng.normal(0, 5, labels.shape)).astype(np.float32)
     affine = make_affine(np.diag([-1.0, -1.0, 1.0]), (12.0, 30.0, -4.0))
-    pre = preprocess_volume(image, PreprocessConfig(spacing=(1.0, 1.0, 1.0)), affine=affine, labels=labels.astype(np.float32))
+    one_mm = PreprocessConfig(spacing=(1.0, 1.0, 1.0))
+    pre = preprocess_volume(image, one_mm, affine=affine, labels=labels.astype(np.float32))
     assert pre.modality == "mri" and pre.labels.dtype == np.uint8
     assert np.all(np.diag(pre.affine)[:3] > 0)  # RAS
     np.testing.assert_array_equal(pre.to_source(pre.labels, order=0), labels)
@@ -270,7 +280,9 @@ def coordinate_volume(shape, offset: float = 0.0) -> np.ndarray:
 def ct_phantoms() -> list:
     """Five small CT phantoms (different patients), preprocessed."""
     phantoms = [make_ct_abdomen(seed, shape=(64, 64, 32)) for seed in range(5)]
-    return [preprocess_volume(p.images["ct"], COARSE, affine=p.affine, labels=p.labels, modality="CT") for p in phantoms]
+    return [
+        preprocess_volume(p.images["ct"], COARSE, affine=p.affine, labels=p.labels, modality="CT") for p in phantoms
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +363,8 @@ def test_semantic_sequence_centres_crops_on_the_structure(ct_phantoms):
 @pytest.fixture(scope="module")
 def phantom_dataset(tmp_path_factory) -> PretrainDataset:
     seq = SequenceConfig(kinds=("spatial", "contrast", "semantic"), crop=32, slab=32)
-    return make_pretrain_dataset(["phantoms"], seq, COARSE, seed=7, cache_dir=tmp_path_factory.mktemp("cache"), n_phantoms=2)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    return make_pretrain_dataset(["phantoms"], seq, COARSE, seed=7, cache_dir=cache_dir, n_phantoms=2)
 
 
 def test_dataset_items_are_a_pure_function_of_seed_and_index(phantom_dataset):
@@ -401,7 +414,8 @@ def small_case(tmp_path) -> Case:
     labels = np.zeros((24, 20, 16), np.uint8)
     labels[4:12, 6:14, 3:10] = 1
     image = (labels * 400.0 - 900.0 + rng.normal(0, 10, labels.shape)).astype(np.float32)  # CT-like
-    return Case("small", write_nifti(tmp_path / "img.nii.gz", image), write_nifti(tmp_path / "seg.nii.gz", labels), labels={1: "blob"})
+    image_path = write_nifti(tmp_path / "img.nii.gz", image)
+    return Case("small", image_path, write_nifti(tmp_path / "seg.nii.gz", labels), labels={1: "blob"})
 
 
 def test_cache_reads_and_resamples_each_case_once(small_case, tmp_path, monkeypatch):
@@ -433,6 +447,30 @@ def test_cache_reads_and_resamples_each_case_once(small_case, tmp_path, monkeypa
     os.utime(small_case.image, ns=(0, os.stat(small_case.image).st_mtime_ns + 10**9))  # the file changed
     PreprocessCache(cache_dir).load(small_case, COARSE)
     assert calls["preprocess"] == 3
+
+
+def test_seg_and_extra_images_on_another_grid_land_on_the_image_grid(small_case, tmp_path):
+    """A seg stored flipped (RAS instead of LPS) and an extra image holding a crop go through world space."""
+    same = preprocess_case(small_case, COARSE)
+    seg, image = read_volume(small_case.seg), read_volume(small_case.image)
+    flipped_affine = image.affine @ np.array([[-1, 0, 0, 23], [0, -1, 0, 19], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    crop_affine = image.affine @ make_affine(np.eye(3), (2.0, 3.0, 1.0))
+    crop = image.array[2:20, 3:18, 1:15]
+    case = Case(
+        "other_grids",
+        small_case.image,
+        write_nifti(tmp_path / "seg_ras.nii.gz", seg.array[::-1, ::-1].copy(), flipped_affine),
+        extra_images={"crop": write_nifti(tmp_path / "crop.nii.gz", crop.copy(), crop_affine)},
+    )
+    other = preprocess_case(case, COARSE)
+    np.testing.assert_array_equal(other.labels, same.labels)
+    assert other.contrasts["crop"].shape == same.image.shape
+    in_crop = voxels_in(crop_affine, world(same.affine, same.image.shape))
+    inside = within(in_crop, crop.shape)
+    assert 0.2 < inside.mean() < 0.9
+    np.testing.assert_allclose(other.contrasts["crop"][inside], same.image[inside], atol=1e-5)
+    far = ~within(in_crop, crop.shape, margin=1.0)
+    assert far.any() and np.all(other.contrasts["crop"][far] == 0.0)
 
 
 def test_cache_entries_are_written_atomically(small_case, tmp_path, monkeypatch):

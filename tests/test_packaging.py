@@ -57,7 +57,9 @@ def test_every_manifest_command_imports():
 
 def test_npe2_validate():
     npe2_cli = Path(sys.executable).with_name("npe2")
-    result = subprocess.run([str(npe2_cli), "validate", "napari-ar3d"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(npe2_cli), "validate", "napari-ar3d"], capture_output=True, text=True,
+                            encoding="utf-8", errors="replace", timeout=120,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "valid" in (result.stdout + result.stderr).lower()
 
