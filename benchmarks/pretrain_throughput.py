@@ -7,13 +7,15 @@ For each encoder size, one training step (forward + backward, no optimizer step)
   heads and MLP width, no classification token) on B volumes of crop x crop x 128 voxels
   (the four slabs stacked), i.e. the same number of patch tokens, with an MSE loss on its tokens.
 
-Both run in the same process on the same device, one after the other. Reported: time per step,
+Both run in the same process on the same device: one untimed step each, then each model's
+warm-up steps alone (for memory), then timed steps alternating between the two models so that
+both see the same load on a shared machine. Reported: the median time per step,
 patch tokens per second, the speed ratio ours / MONAI (> 1: ours faster), and peak memory of the
 step above what was allocated before it (CUDA: `torch.cuda.max_memory_allocated`; CPU: the
 process's peak resident set, VmHWM, reset through /proc/self/clear_refs after glibc's
-malloc_trim before each model, so no psutil is needed; elsewhere the `resource` high-water mark, which only grows).
+malloc_trim, so no psutil is needed; elsewhere the `resource` high-water mark, which only grows).
 
-On CUDA the table adds model FLOPs utilisation, counted analytically per step as
+FLOPs per step are counted analytically, and on CUDA turned into model FLOPs utilisation:
 
     FLOPs = 6 * P_matmul * B * T  +  12 * L * C * B * T^2
 
@@ -23,8 +25,8 @@ excluded), T the tokens per sequence (including our start token), L the depth an
 every layer (2 * 2 * T^2 * C forward, times 3). Masked attention is counted in full.
 MFU = FLOPs / step time / peak, with `--peak-tflops` (default 989, H100 SXM dense bf16).
 
-    python benchmarks/pretrain_throughput.py                      # CPU, tiny and small, about a minute
-    python benchmarks/pretrain_throughput.py --device cuda --bf16 --crop 128 --batch-size 8
+    python benchmarks/pretrain_throughput.py                      # CPU, tiny and small, under a minute
+    python benchmarks/pretrain_throughput.py --device cuda --bf16 --crop 128 --batch-size 64 --configs tiny,small,base
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import platform
 import resource
 import sys
@@ -40,8 +43,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
+# OpenMP threads that spin while they wait slow every step down many times over on a machine
+# shared with other processes; waiting passively costs nothing measurable on an idle one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -230,8 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default="tiny,small", help="comma-separated ViT3D presets")
     parser.add_argument("--crop", type=int, default=64, help="in-plane size of each sub-volume (multiple of 16)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (memory is measured on them)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM bf16: 989)")
     args = parser.parse_args(argv)
     if args.crop % 16 or args.crop < 16:
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = []
     for name in args.configs.split(","):

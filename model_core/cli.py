@@ -60,7 +60,7 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--crop", type=int, help="in-plane size of each sub-volume in voxels (default 128)")
     data.add_argument("--slab", type=int, help="depth of each sub-volume in voxels (default 32)")
     data.add_argument("--spacing", metavar="MM", help="model voxel spacing: one value or three, comma-separated (default 1.5)")
-    data.add_argument("--modality", choices=("CT", "MRI", "any"), default="any", help="recorded in the model card")
+    data.add_argument("--modality", choices=("CT", "MRI", "any"), help="recorded in the model card (default any)")
     data.add_argument("--phantoms", type=int, default=8, metavar="N", help="phantoms of each kind for 'phantoms' (default 8)")
     data.add_argument("--cache-dir", type=Path, default=os.environ.get("AR3D_CACHE"),
                       help="folder for preprocessed scans (default $AR3D_CACHE; unset: memory only)")
@@ -81,9 +81,10 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
-    from .checkpoint import has_checkpoint, make_config, read_config
+    from .checkpoint import has_checkpoint, make_config
     from .data import SequenceConfig, make_pretrain_dataset
     from .models import ViT3D, ViT3DConfig
     from .objectives import build_objective
@@ -113,37 +114,8 @@ def _pretrain(args: argparse.Namespace) -> int:
         device=args.device,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    fresh = {
-        "encoder": _encoder_config(args.config or "base", args.overrides, ViT3DConfig).to_dict(),
-        "objective": args.objective or "ar",
-        "sequence": SequenceConfig(
-            kinds=_kinds(args.sequence or ",".join(SEQUENCE_KINDS)),
-            crop=args.crop or 128,
-            slab=args.slab or 32,
-        ).to_dict(),
-        "preprocessing": PreprocessConfig(spacing=_spacing(args.spacing or "1.5")).to_dict(),
-    }
-    if resuming:
-        saved_config = read_config(out)
-        saved = {
-            "encoder": saved_config["encoder"],
-            "objective": saved_config["objective"],
-            "sequence": saved_config["provenance"].get("sequence") or fresh["sequence"],
-            "preprocessing": saved_config["preprocessing"],
-        }
-        given = {"encoder": args.config or args.overrides, "objective": args.objective,
-                 "sequence": args.sequence or args.crop or args.slab, "preprocessing": args.spacing}
-        changed = [key for key, flag in given.items() if flag and fresh[key] != saved[key]]
-        if changed:
-            raise Ar3dInputError(
-                f"the {' and '.join(changed)} settings differ from the checkpoint's; a resumed run keeps "
-                "its settings (drop those options or choose another --out folder)", out / "config.json")
-        settings = saved
-    else:
-        settings = fresh
-
+    settings = _run_settings(args, out, resuming)
     encoder_cfg = ViT3DConfig.from_dict(settings["encoder"])
-    options = (saved_config.get("heads", {}).get("mae_decoder", {}) if resuming else {})
     dataset_progress = _TqdmProgress(tqdm, "preprocessing", enabled=main_rank, unit="scan")
     try:
         dataset = make_pretrain_dataset(
@@ -158,11 +130,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     finally:
         dataset_progress.close()
 
-    import torch
-
     torch.manual_seed(args.seed)
-    objective = build_objective(settings["objective"], ViT3D(encoder_cfg), **options)
-    heads = _heads(settings["objective"], encoder_cfg, objective)
+    objective = build_objective(settings["objective"], ViT3D(encoder_cfg), **settings["options"])
     provenance = {
         "data": [str(d) for d in args.data],
         "licenses": _licenses(args.data),
@@ -172,9 +141,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     config = make_config(
         settings["encoder"],
         objective=settings["objective"],
-        heads=heads,
+        heads=_heads(settings["objective"], objective),
         preprocessing=settings["preprocessing"],
-        modality=args.modality,
+        modality=settings["modality"],
         provenance=provenance,
     )
     bar = _TqdmProgress(tqdm, "pretraining", enabled=main_rank, unit="step")
@@ -192,8 +161,55 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encoder_config(spec: str, overrides: Sequence[str], config_cls):
+def _run_settings(args: argparse.Namespace, out: Path, resuming: bool) -> dict:
+    """Encoder, objective (and its options), sequence, preprocessing and modality of the run.
+
+    A resumed run keeps the checkpoint's; options given again must agree with it.
+    """
+    from .checkpoint import read_config
+    from .data import SequenceConfig
+    from .preprocess import PreprocessConfig
+
+    fresh = {
+        "encoder": _encoder_config(args.config or "base", args.overrides).to_dict(),
+        "objective": args.objective or "ar",
+        "options": {},
+        "sequence": SequenceConfig(
+            kinds=_kinds(args.sequence or ",".join(SEQUENCE_KINDS)), crop=args.crop or 128, slab=args.slab or 32
+        ).to_dict(),
+        "preprocessing": PreprocessConfig(spacing=_spacing(args.spacing or "1.5")).to_dict(),
+        "modality": args.modality or "any",
+    }
+    if not resuming:
+        return fresh
+    config = read_config(out)
+    saved = {
+        "encoder": config["encoder"],
+        "objective": config["objective"],
+        "options": config.get("heads", {}).get("mae_decoder", {}),
+        "sequence": config["provenance"].get("sequence") or fresh["sequence"],
+        "preprocessing": config["preprocessing"],
+        "modality": config.get("modality", "any"),
+    }
+    given = {
+        "encoder": args.config or args.overrides,
+        "objective": args.objective,
+        "sequence": args.sequence or args.crop or args.slab,
+        "preprocessing": args.spacing,
+        "modality": args.modality,
+    }
+    changed = [key for key, flag in given.items() if flag and fresh[key] != saved[key]]
+    if changed:
+        raise Ar3dInputError(
+            f"the {' and '.join(changed)} settings differ from the checkpoint's; a resumed run keeps its "
+            "settings (drop those options or choose another --out folder)", out / "config.json")
+    return saved
+
+
+def _encoder_config(spec: str, overrides: Sequence[str]):
     """A ViT3DConfig from a preset name or JSON file plus KEY=VALUE overrides."""
+    from .models import ViT3DConfig
+
     values = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -204,7 +220,7 @@ def _encoder_config(spec: str, overrides: Sequence[str], config_cls):
         except json.JSONDecodeError:
             values[key.strip()] = text
     if spec in PRESETS:
-        return config_cls.preset(spec, **values)
+        return ViT3DConfig.preset(spec, **values)
     path = Path(spec)
     if not path.is_file():
         raise Ar3dInputError(f"--config {spec!r} is neither a size ({', '.join(PRESETS)}) nor a JSON file")
@@ -215,7 +231,7 @@ def _encoder_config(spec: str, overrides: Sequence[str], config_cls):
     if not isinstance(doc, dict):
         raise Ar3dInputError("model config must be a JSON object", path)
     encoder = doc.get("encoder", doc)
-    return config_cls.from_dict({**encoder, **values})
+    return ViT3DConfig.from_dict({**encoder, **values})
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -236,7 +252,7 @@ def _spacing(text: str) -> tuple[float, float, float]:
     return tuple(values * 3 if len(values) == 1 else values)
 
 
-def _heads(objective_name: str, encoder_cfg, objective) -> dict:
+def _heads(objective_name: str, objective) -> dict:
     """What the checkpoint holds beside the encoder (and how to rebuild it)."""
     if objective_name == "ar":
         return {"next_token": {"type": "linear", "out_features": objective.head.proj.out_features}}

@@ -17,12 +17,15 @@ Data order is a pure function of the step: step `s` on rank `r` of `w` reads dat
 the train state this makes 20 steps equal to 10 steps + resume + 10 steps.
 
 Launched by `torchrun` (WORLD_SIZE > 1) the loop runs PyTorch DDP: one process per device, each
-rank its own indices, gradients averaged; only rank 0 writes checkpoints and logs.
+rank its own indices, gradients averaged; only rank 0 writes checkpoints and logs (its own loss;
+tokens/s counts all ranks) and calls `progress`. The train state keeps every rank's RNG, so a
+resume needs the same number of processes.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -217,8 +220,6 @@ def _tokens(model: nn.Module, volumes: torch.Tensor) -> int:
 
 def _gather_rng(d: _Dist, device: torch.device) -> list[dict]:
     """Every rank's `capture_rng()`, on rank 0 (tensors gathered; JSON parts sent as bytes)."""
-    import json
-
     mine = capture_rng()
     if d.world == 1:
         return [mine]
@@ -298,10 +299,12 @@ def train(
         )
     d, device = _init_distributed(cfg.device)
     try:
-        return _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume, progress, should_stop, d, device)
+        result = _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume, progress, should_stop, d, device)
+        if d.owns_group:
+            dist.barrier()  # rank 0 may still be writing the last checkpoint
+        return result
     finally:
         if d.owns_group:
-            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
+import random
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -206,8 +207,9 @@ def test_train_state_round_trip(tmp_path):
     sched.step()
     torch.manual_seed(123)
     rng = capture_rng()
-    expected = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
-    save_checkpoint(tmp_path / "c", model.state_dict(), config, TrainState(7, opt.state_dict(), sched.state_dict(), [rng], {"wall_time_s": 1.5}))
+    expected = (torch.rand(3), np.random.rand(2), random.random())
+    state = TrainState(7, opt.state_dict(), sched.state_dict(), [rng], {"wall_time_s": 1.5})
+    save_checkpoint(tmp_path / "c", model.state_dict(), config, state)
     state = load_train_state(tmp_path / "c")
     assert state.step == 7 and state.extra == {"wall_time_s": 1.5}
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -218,7 +220,7 @@ def test_train_state_round_trip(tmp_path):
     assert state.scheduler["last_epoch"] == 1
     torch.manual_seed(999)
     restore_rng(state.rng[0])
-    again = (torch.rand(3), __import__("numpy").random.rand(2), __import__("random").random())
+    again = (torch.rand(3), np.random.rand(2), random.random())
     assert torch.equal(again[0], expected[0]) and (again[1] == expected[1]).all() and again[2] == expected[2]
     assert load_train_state(save_checkpoint(tmp_path / "d", model.state_dict(), config)) is None
 

@@ -95,6 +95,17 @@ def test_resume_continues(trained, tmp_path, cache):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
 
 
+def test_mae_objective_resumes_with_its_decoder(tmp_path, cache, capsys):
+    argv = ["pretrain", *DATA, *TINY, "--objective", "mae", "--out", str(tmp_path / "mae"), "--cache-dir", str(cache)]
+    assert main([*argv, "--steps", "1"]) == 0
+    heads = load_checkpoint(tmp_path / "mae").config["heads"]
+    assert heads == {"mae_decoder": {"mask_ratio": 0.75, "decoder_width": 16, "decoder_depth": 4, "decoder_heads": 2}}
+    assert main([*argv, "--steps", "2", "--resume"]) == 0
+    ckpt = load_checkpoint(tmp_path / "mae")
+    assert ckpt.config["objective"] == "mae" and ckpt.config["provenance"]["steps"] == 2
+    assert "mask_token" in ckpt.state_dict
+
+
 def test_existing_checkpoint_without_resume_is_refused(trained, capsys):
     code = main(["pretrain", *DATA, *TINY, "--out", str(trained), "--steps", "4"])
     assert_one_line_error(capsys.readouterr().err, code, "pass --resume")

@@ -1,0 +1,228 @@
+"""Whole-volume segmentation with a fine-tuned model: `load_segmenter`, then `segment`.
+
+`segment(segmenter, volume)`:
+1. preprocess as in training (`model_core.preprocess.preprocess_volume`): intensities to [0, 1]
+   with the model's normalisation, axes to RAS, voxels to the model spacing;
+2. MONAI `sliding_window_inference` over the model grid: windows of the model's ROI, `overlap`,
+   Gaussian blending of the softmax probabilities, `sw_batch_size` windows per forward pass. The
+   windows run on `device` (the GPU when there is one), the stitched volume stays on the CPU. A
+   volume smaller than a window is padded (and cropped back);
+3. the probabilities go back onto the input's voxel grid (trilinear, one class at a time to bound
+   memory) and the label map is their argmax there: value k is the model's k-th class
+   (`segmenter.classes[k-1]`), 0 background. The uncertainty is the entropy of the probabilities
+   divided by log(K+1), so 0 is certain and 1 is uniform.
+
+Outputs have the input's shape and belong to its affine, so they can be written with it or shown
+with the same napari layer transform.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from .checkpoint import Checkpoint, load_checkpoint, load_into, resolve_model
+from .device import autocast_dtype, resolve_device
+from .errors import Ar3dInputError, CheckpointError
+from .io import Volume, read_volume
+from .preprocess import PreprocessConfig, guess_modality, preprocess_volume, resample_to_grid
+from .progress import ProgressFn, StopFn, check_stop, report
+from .segmentation import SegmentationModel, model_from_config
+
+
+@dataclass
+class Segmenter:
+    """A fine-tuned segmentation model with what inference needs from its config.json."""
+
+    model: SegmentationModel  # in eval mode, on the CPU
+    classes: list[str]  # K names; label value k is classes[k-1]
+    preprocess: PreprocessConfig
+    roi: tuple[int, int, int]  # window size in voxels of the model grid
+    modality: str  # "CT", "MRI" or "any": what it was trained on
+    config: dict = field(repr=False)
+    path: Path | None = None
+
+
+@dataclass
+class SegmentationResult:
+    """Outputs on the input's voxel grid (I, J, K); `affine` is the input's."""
+
+    labels: np.ndarray  # (I, J, K) uint8 (uint16 beyond 255 classes): 0 background, k = classes[k-1]
+    uncertainty: np.ndarray  # (I, J, K) float32 in [0, 1]: normalised entropy
+    affine: np.ndarray  # (4, 4) the input's RAS+ affine
+    classes: list[str]
+    probabilities: np.ndarray | None = None  # (K+1, I, J, K) float32, summing to 1 over axis 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: preprocess, windows, resample
+
+
+def segmenter_from_checkpoint(checkpoint: Checkpoint) -> Segmenter:
+    """Build the model a segmentation checkpoint describes and load its weights."""
+    config = checkpoint.config
+    head = config.get("heads", {}).get("segmentation")
+    if not isinstance(head, dict) or "decoder" not in head:
+        raise CheckpointError(
+            "has no segmentation decoder (it is an encoder); fine-tune it first with `ar3d finetune`", checkpoint.path
+        )
+    model = model_from_config(config["encoder"], head["decoder"])
+    load_into(model, checkpoint)
+    classes = list(config.get("classes", []))
+    if len(classes) + 1 != model.num_classes:
+        raise CheckpointError(
+            f"lists {len(classes)} classes but its decoder predicts {model.num_classes - 1}", checkpoint.path
+        )
+    roi = tuple(int(r) for r in head.get("roi", [6 * model.encoder.cfg.patch_size] * 3))
+    return Segmenter(
+        model=model.eval(),
+        classes=classes,
+        preprocess=PreprocessConfig.from_dict(config.get("preprocessing", {})),
+        roi=roi,
+        modality=config.get("modality", "any"),
+        config=config,
+        path=checkpoint.path,
+    )
+
+
+def load_segmenter(name_or_dir: str | os.PathLike) -> Segmenter:
+    """A segmentation model from a checkpoint folder or a shipped model's name."""
+    return segmenter_from_checkpoint(load_checkpoint(resolve_model(name_or_dir)))
+
+
+def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """Windows `sliding_window_inference` visits on a grid of `shape` (as MONAI's `dense_patch_slices`)."""
+    n = 1
+    for size, r in zip(shape, roi):
+        interval = max(1, int(r * (1 - overlap)))
+        n *= 1 if size <= r else math.ceil((size - r) / interval) + 1
+    return n
+
+
+def _as_volume(volume: Volume | str | os.PathLike) -> Volume:
+    if isinstance(volume, Volume):
+        return volume
+    if isinstance(volume, (str, os.PathLike)):
+        return read_volume(volume)
+    raise Ar3dInputError(f"segment needs a Volume or a file path, got {type(volume).__name__}")
+
+
+def segment(
+    segmenter: Segmenter,
+    volume: Volume | str | os.PathLike,
+    *,
+    device: str | torch.device = "auto",
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    probabilities: bool = False,
+    modality: str | None = None,
+    progress: ProgressFn = None,
+    should_stop: StopFn = None,
+) -> SegmentationResult:
+    """Segment a whole volume (a `Volume` or a file) and return the outputs on its own voxel grid.
+
+    device: where the windows run ("auto": cuda, then mps, then cpu); stitching stays on the CPU.
+    sw_batch_size: windows per forward pass. overlap: fraction of a window shared with its neighbour.
+    probabilities: also return the per-class probabilities (K+1 float32 maps of the input's size).
+    modality: a hint ("CT", "MRI") for the intensity normalisation of models that guess it.
+    progress: `Progress(step, total, "segmenting")` per batch of windows; should_stop: polled per
+        batch, raises `model_core.progress.Cancelled`.
+    A model trained on another modality than the volume's gets a warning, not an error.
+    """
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise Ar3dInputError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}")
+    if not 0 <= overlap < 1:
+        raise Ar3dInputError(f"overlap must be in [0, 1), got {overlap!r}")
+    volume = _as_volume(volume)
+    source = volume.path or "the volume"
+    hint = modality or volume.meta.get("modality")
+    if volume.array.ndim == 3 and segmenter.modality in ("CT", "MRI"):
+        kind = {"ct": "CT", "mri": "MRI"}[guess_modality(volume.array, hint)]
+        if kind != segmenter.modality:
+            warnings.warn(f"{source}: looks like {kind} but the model was trained on {segmenter.modality}",
+                          stacklevel=2)
+    device = resolve_device(device)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    pre = preprocess_volume(volume, segmenter.preprocess, modality=hint, source=volume.path)
+    timings["preprocess"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    probs = _sliding_window(segmenter, pre.array, device, sw_batch_size, overlap, progress, should_stop)
+    pre.array = None  # the image is no longer needed: free it before resampling back
+    timings["windows"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    labels, uncertainty, full = _to_source_grid(probs, pre, probabilities, should_stop)
+    timings["resample"] = time.perf_counter() - t
+    return SegmentationResult(labels, uncertainty, np.asarray(volume.affine, dtype=np.float64).copy(),
+                              list(segmenter.classes), full, timings)
+
+
+def _sliding_window(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    device: torch.device,
+    sw_batch_size: int,
+    overlap: float,
+    progress: ProgressFn,
+    should_stop: StopFn,
+) -> np.ndarray:
+    """Gaussian-blended softmax probabilities (K+1, X, Y, Z) float32 of a preprocessed (X, Y, Z) image."""
+    model = segmenter.model.to(device).eval()
+    amp = autocast_dtype(device)
+    total = math.ceil(count_windows(image.shape, segmenter.roi, overlap) / sw_batch_size)
+    done = 0
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:  # (b, 1, *roi) on `device`
+        nonlocal done
+        check_stop(should_stop)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            logits = model(windows)
+        done += 1
+        report(progress, done, total, "segmenting")
+        return torch.softmax(logits.float(), dim=1)  # (b, K+1, *roi)
+
+    x = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # (1, 1, X, Y, Z)
+    with torch.inference_mode():
+        out = sliding_window_inference(
+            x, segmenter.roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
+            sw_device=device, device="cpu",
+        )
+    model.to("cpu")
+    return torch.as_tensor(out)[0].numpy()  # (K+1, X, Y, Z)
+
+
+def _to_source_grid(
+    probs: np.ndarray, pre, keep: bool, should_stop: StopFn
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels (argmax), uncertainty and optionally probabilities on the input grid, one class at a time."""
+    n = probs.shape[0]
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=0) / math.log(n)  # (X, Y, Z)
+    uncertainty = np.clip(pre.to_source(entropy.astype(np.float32), order=1), 0.0, 1.0)
+    del entropy
+    shape = pre.source_shape
+    labels = np.zeros(shape, dtype=np.uint8 if n <= 256 else np.uint16)
+    full = np.empty((n, *shape), dtype=np.float32) if keep else None
+    best = None
+    for c in range(n):
+        check_stop(should_stop)
+        # Outside the model grid (at most half an input voxel) the background is certain.
+        p = resample_to_grid(probs[c], pre.affine, shape, pre.source_affine, order=1, cval=1.0 if c == 0 else 0.0)
+        if full is not None:
+            full[c] = p
+        if best is None:
+            best = p
+            continue
+        better = p > best
+        labels[better] = c
+        np.maximum(best, p, out=best)
+        del p, better
+    return labels, uncertainty, full
