@@ -398,11 +398,69 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# explain
+
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="a 3D image: NIfTI, NRRD, MHA/MHD or a DICOM folder")
+    p.add_argument("--model", default="ar3d-encoder", metavar="NAME_OR_DIR",
+                   help="an AR-pretrained checkpoint folder or a shipped model's name (default ar3d-encoder)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the <map>.nii.gz files")
+    query = p.add_mutually_exclusive_group()
+    query.add_argument("--query", metavar="I,J,K",
+                       help="attention query voxel in the file's own index order, as nibabel and ITK-SNAP "
+                            "number voxels (default: the volume centre)")
+    query.add_argument("--query-mm", metavar="X,Y,Z",
+                       help="attention query point in RAS world millimetres (write --query-mm=-10,5,3 when X < 0)")
+    p.add_argument("--maps", default="attention,prediction,surprise,pca", metavar="LIST",
+                   help="comma-separated maps to write (default attention,prediction,surprise,pca)")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="attention block, 0-based; negative counts from the last (default -1, the last)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .explain import explain
+
+    query = _three(args.query, int, "--query") if args.query else None
+    query_mm = _three(args.query_mm, float, "--query-mm") if args.query_mm else None
+    maps = [m.strip() for m in args.maps.split(",") if m.strip()]
+    bar = _TqdmProgress(tqdm, "explain", unit="step")
+    try:
+        written = explain(args.model, args.input, args.out, query_ijk=query, query_mm=query_mm, maps=maps,
+                          layer=args.layer, device=args.device, seed=args.seed, progress=bar)
+    except KeyboardInterrupt:
+        print("\nstopped; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _three(text: str, kind: type, option: str) -> tuple:
+    """Three comma-separated numbers of `kind` (int or float)."""
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        what = "whole numbers" if kind is int else "numbers"
+        raise Ar3dInputError(f"{option} {text!r} must be three comma-separated {what}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 COMMANDS = [
     Command("pretrain", "pretrain an encoder (autoregressive or MAE); torchrun-ready", _pretrain_arguments, _pretrain),
     Command("info", "list shipped models, or print a checkpoint's model card", _info_arguments, _info),
+    Command("explain", "attention, next-token prediction, surprise and PCA maps of a scan", _explain_arguments, _explain),
 ]
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "attention_map",
     "next_token_prediction",
     "surprise_map",
+    "patch_surprise",
     "pca_features",
     "explain",
     "Cancelled",
@@ -285,10 +286,10 @@ def attention_map(
     """How the token holding voxel `query_ijk` attends over the tokens of a window around it.
 
     `query_ijk` is a voxel index in the input file's own order (i, j, k); it is mapped through the
-    affines onto the model grid. The window (`window` voxels on the model grid, default the model's
-    pretraining sub-volume) is centred on the query token, shifted by whole tokens to stay inside the
-    volume where it can, padded where it cannot. `layer`, `head`, `rollout`: see `attention_matrix`.
-    Returns a float32 (I, J, K) map on the input grid: the attention weights interpolated between
+    affines onto the model grid. The window (about `window` voxels on the model grid, default the
+    model's pretraining sub-volume, at most the volume's size; rounded to an odd number of tokens) is
+    centred on the query voxel and padded with the volume's minimum where it reaches outside.
+    `layer`, `head`, `rollout`: see `attention_matrix`. Returns a float32 (I, J, K) map on the input grid: the attention weights interpolated between
     token centres (the start token's share is left out), 0 outside the window.
     """
     cfg = model.encoder.cfg
@@ -297,19 +298,15 @@ def attention_map(
     grid = _grid(model, volume)
     query = _check_query(query_ijk, grid.pre.source_shape, grid.source)
     p = model.patch_size
-    size = np.minimum(np.asarray(window or model.window, dtype=int) // p * p, grid.array.shape)
-    size = np.maximum(size, p)
-    v = grid.query_voxel(query)
-    start = v - (size // p // 2) * p - p // 2  # the query voxel at the centre of the middle token
-    inside = np.clip(start, 0, np.array(grid.array.shape) - size)
-    start = start + np.rint((inside - start) / p).astype(int) * p  # move by whole tokens towards the inside
-    token = (v - start) // p  # (3,) the query's token in the window
+    wanted = np.asarray(window or model.window, dtype=int) // p  # (3,) tokens
+    half = np.minimum(wanted, grid.tokens) // 2  # (3,) tokens on each side of the query's token
+    tokens = tuple(int(n) for n in 2 * half + 1)  # the window's token grid, the query's token in the middle
+    start = grid.query_voxel(query) - half * p - p // 2  # the query voxel at the centre of its token
     report(progress, 0, 2, "attention")
     check_stop(should_stop)
-    x = _as_input(_crop(grid.array, start, size), model)
+    x = _as_input(_crop(grid.array, start, np.array(tokens) * p), model)
     weights = attention_matrix(model.encoder, x, layer, head, rollout)[0]  # (L, L)
-    tokens = tuple(int(n) for n in size // p)
-    row = 1 + int(np.ravel_multi_index(tuple(token), tokens))  # sequence position of the query token
+    row = 1 + int(np.ravel_multi_index(tuple(half), tokens))  # sequence position of the query's token
     token_map = weights[row, 1:].reshape(tokens).cpu().numpy()
     report(progress, 1, 2, "attention")
     out = grid.tokens_to_input(token_map, start)
@@ -333,6 +330,14 @@ def _check_query(query_ijk: Sequence[int], shape: tuple[int, int, int], source: 
 # ----------------------------------------------------------------------------- next-token prediction and surprise
 
 
+def patch_surprise(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """(B, n, p^3) normalised predictions and TRUE patch voxels -> (B, n) per-token normalised MSE.
+
+    The true patches are normalised as pretraining targets (zero mean, unit std per patch) first.
+    """
+    return ((pred.float() - normalize_patches(true.float(), eps=_EPS)) ** 2).mean(-1)
+
+
 @torch.inference_mode()
 def _causal_pass(
     model: ExplainModel, grid: ModelGrid, progress: ProgressFn, should_stop: StopFn
@@ -350,13 +355,12 @@ def _causal_pass(
         tokens, _ = model.encoder.forward_features(x, mode="prefix", prefix_len=zero)  # (1, 1+n, C)
         pred = model.head(tokens[:, :-1]).float()  # (1, n, p^3): position t predicts patch token t+1
         true = model.encoder.patchify(x).float()  # (1, n, p^3)
-        target = normalize_patches(true, eps=_EPS)
         mean = true.mean(-1, keepdim=True)
         std = (true.var(-1, unbiased=False, keepdim=True) + _EPS).sqrt()
         t_grid = tuple((s.stop - s.start) // p for s in tile)
         prediction[tile] = unpatchify(pred * std + mean, p, t_grid)[0, 0].cpu().numpy()
         token_tile = tuple(slice(s.start // p, s.stop // p) for s in tile)
-        surprise[token_tile] = ((pred - target) ** 2).mean(-1).reshape(t_grid).cpu().numpy()
+        surprise[token_tile] = patch_surprise(pred, true).reshape(t_grid).cpu().numpy()
     report(progress, len(tiles), len(tiles), "next-token prediction")
     return prediction, surprise
 

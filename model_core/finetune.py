@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
+import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
@@ -239,7 +240,7 @@ class PreparedScan:
     name: str
     image: np.ndarray  # (1, X, Y, Z) float32 in [0, 1]
     target: np.ndarray  # (1, X, Y, Z) uint8: 0 background, 1..K classes, IGNORE unannotated
-    fg: np.ndarray  # flat indices of class voxels (crop centres around the foreground)
+    fg: np.ndarray  # flat indices of crop centres around the foreground
     bg: np.ndarray  # flat indices of annotated background voxels
 
 
@@ -278,16 +279,22 @@ def _pad_to(array: np.ndarray, size: Sequence[int], value: int | float) -> np.nd
 def prepare_scan(
     image: np.ndarray, target: np.ndarray, roi: Sequence[int], name: str, source: str
 ) -> PreparedScan:
-    """Pad a preprocessed image and its target to a window and find the crop centres."""
+    """Pad a preprocessed image and its target to a window and find the crop centres.
+
+    Crops "around the foreground" are centred anywhere within 3/8 of a window of a class voxel,
+    not on it: the encoder has absolute positions inside a window, and a decoder trained on crops
+    with the class always in the middle learns the middle, not the class.
+    """
     img = _pad_to(image[None].astype(np.float32, copy=False), roi, 0.0)
     tgt = _pad_to(target[None], roi, IGNORE)
     classes = (tgt[0] > 0) & (tgt[0] != IGNORE)
     if not classes.any():
         raise Ar3dInputError("has no voxel of the selected classes at the model's spacing", source)
+    near = ndi.maximum_filter(classes, size=[max(1, 3 * r // 4) for r in roi], mode="constant")
     background = tgt[0] == 0
-    if background.any() and (background & (img[0] > 0)).any():
+    if (background & (img[0] > 0)).any():
         background &= img[0] > 0  # inside the body / head, not the air around it
-    fg = np.flatnonzero(classes)
+    fg = np.flatnonzero(near)
     bg = np.flatnonzero(background) if background.any() else fg
     return PreparedScan(name, img, tgt, fg, bg)
 

@@ -27,7 +27,6 @@ from typing import Iterator, Literal
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import Ar3dInputError
 
@@ -43,6 +42,13 @@ _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: flip x and y (its own inverse)
 _LPS4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 _REVERSE4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # (x,y,z) <-> (z,y,x)
 _TAG_SERIES_UID, _TAG_DESCRIPTION, _TAG_MODALITY = "0020|000e", "0008|103e", "0008|0060"
+
+
+def _sitk():
+    """SimpleITK, imported on first use: NIfTI-only work never pays for it."""
+    import SimpleITK
+
+    return SimpleITK
 
 
 @dataclass
@@ -209,6 +215,7 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
 
 
 def _read_itk(path: Path, max_voxels: int) -> Volume:
+    sitk = _sitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -232,6 +239,7 @@ def _read_itk(path: Path, max_voxels: int) -> Volume:
 
 
 def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
+    sitk = _sitk()
     folder = path if path.is_dir() else path.parent
     if series_uid is None and not path.is_dir():
         series_uid = _dicom_tags(path).get(_TAG_SERIES_UID)  # a .dcm file picks its own series
@@ -272,6 +280,7 @@ def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
 
 
 def _dicom_tags(file: Path) -> dict[str, str]:
+    sitk = _sitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(file))
     try:
@@ -283,12 +292,14 @@ def _dicom_tags(file: Path) -> dict[str, str]:
 
 
 def _describe_series(folder: Path, uid: str) -> str:
+    sitk = _sitk()
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
     description = _dicom_tags(Path(files[0])).get(_TAG_DESCRIPTION, "")
     return f"{uid} ({description!r}, {len(files)} slices)"
 
 
-def _volume_from_sitk(image: sitk.Image, shape: tuple[int, int, int], path: Path, meta: dict) -> Volume:
+def _volume_from_sitk(image: "SimpleITK.Image", shape: tuple[int, int, int], path: Path, meta: dict) -> Volume:
+    sitk = _sitk()
     ndim = image.GetDimension()
     direction = np.array(image.GetDirection()).reshape(ndim, ndim)[:3, :3]
     spacing = np.array(image.GetSpacing()[:3])
@@ -375,6 +386,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, like: Volume 
 
 
 def _write_itk(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    sitk = _sitk()
     lps = _LPS @ affine[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
     image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # (k, j, i)

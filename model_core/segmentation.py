@@ -167,8 +167,10 @@ class LightDecoder(nn.Module):
         patches = padded.gather(2, index).reshape(B, C * 27, -1)  # (B, C*27, N), channel-major like the conv weight
         img = F.linear(patches.transpose(1, 2), self.image.weight.flatten(1), self.image.bias).transpose(1, 2)
         value = padded.gather(2, centre[:, None, :].expand(B, C, -1))  # (B, C, N)
-        x = torch.cat([up[..., 0, 0], F.gelu(img), value], dim=1)  # (B, refine + refine//2 + C, N)
-        return self.refine(x[..., None, None])[..., 0, 0]
+        x = torch.cat([up[..., 0, 0], F.gelu(img), value], dim=1).transpose(1, 2)  # (B, N, refine + refine//2 + C)
+        mix, out = self.refine[0], self.refine[2]  # the 1x1 convolutions, applied as matrices (faster on points)
+        x = F.gelu(F.linear(x, mix.weight.flatten(1), mix.bias))
+        return F.linear(x, out.weight.flatten(1), out.bias).transpose(1, 2)  # (B, K+1, N)
 
 
 # ----------------------------------------------------------------------------- the model
