@@ -50,7 +50,7 @@ def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     model = p.add_argument_group("model (fixed by the checkpoint on --resume)")
     model.add_argument("--config", metavar="SIZE_OR_JSON",
-                       help=f"encoder size ({', '.join(PRESETS)}) or a JSON file; default base")
+                       help=f"encoder size ({', '.join(PRESETS)}) or a JSON file; default tiny (the shipped size)")
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                        help="override one encoder field, e.g. --set depth=2 (repeatable)")
     model.add_argument("--objective", choices=("ar", "mae"), help="autoregressive (default) or MAE baseline")
@@ -171,7 +171,7 @@ def _run_settings(args: argparse.Namespace, out: Path, resuming: bool) -> dict:
     from .preprocess import PreprocessConfig
 
     fresh = {
-        "encoder": _encoder_config(args.config or "base", args.overrides).to_dict(),
+        "encoder": _encoder_config(args.config or "tiny", args.overrides).to_dict(),
         "objective": args.objective or "ar",
         "options": {},
         "sequence": SequenceConfig(
@@ -332,6 +332,31 @@ class _StopOnSignal:
 
 
 # ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="ar3d-demo", metavar="DIR", help="folder for the demo's files (default ar3d-demo)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, seed=args.seed)
+    s = result.summary
+    print(f"CT phantom {s['shape'][0]}x{s['shape'][1]}x{s['shape'][2]} voxels, spacing {s['spacing_mm']} mm, "
+          f"orientation {s['orientation']}; {len(s['classes'])} labelled structures")
+    print(f"geometry checked: liver centroid at RAS {s['liver_centroid_ras_mm']} mm "
+          f"(patient's right: {s['liver_on_patient_right']})")
+    for name, path in result.files.items():
+        print(f"  {name:12s} {path}")
+    files = " ".join(str(result.files[k]) for k in ("image", "labels"))
+    print(f"open them in napari with:  napari {files} --plugin napari-ar3d")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # info
 
 
@@ -458,6 +483,7 @@ def _three(text: str, kind: type, option: str) -> tuple:
 
 
 COMMANDS = [
+    Command("demo", "the built-in default job: write the CT phantom, check its geometry, show how to open it", _demo_arguments, _demo),
     Command("pretrain", "pretrain an encoder (autoregressive or MAE); torchrun-ready", _pretrain_arguments, _pretrain),
     Command("info", "list shipped models, or print a checkpoint's model card", _info_arguments, _info),
     Command("explain", "attention, next-token prediction, surprise and PCA maps of a scan", _explain_arguments, _explain),

@@ -1,4 +1,7 @@
-"""napari reader: CT / MRI volumes (NIfTI, NRRD, MHA/MHD, DICOM folder) as image layers in LPS world mm.
+"""napari reader: CT / MRI volumes (NIfTI, NRRD, MHA/MHD, DICOM folder) as layers in LPS world mm.
+
+A volume opens as an image layer, except a label map (whole-number values in a file whose name
+says seg / label / mask), which opens as a labels layer on the same grid.
 
 The layer shows the volume in ITK order `(k, j, i)` and its `affine` holds the whole data-to-world
 transform (see `model_core.io.napari_affine`); `metadata["ar3d"]` keeps the source geometry.
@@ -16,6 +19,7 @@ import numpy as np
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
 CT_WINDOW = (-160.0, 240.0)  # soft tissue: level 40 HU, width 400 HU
+LABEL_WORDS = ("seg", "label", "mask")  # a file name with one of these may hold a label map
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -29,7 +33,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
 
 
 def read_layers(path: str | list[str]) -> list[LayerData]:
-    """One image layer per path; raises `Ar3dInputError` for a bad file."""
+    """One image (or labels) layer per path; raises `Ar3dInputError` for a bad file."""
     from model_core.io import read_volume, to_napari
 
     layers = []
@@ -44,13 +48,12 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
             "spacing": volume.spacing.tolist(),
             "modality": volume.meta.get("modality"),
         }
-        kwargs = {
-            "name": _layer_name(Path(p)),
-            "affine": affine,
-            "metadata": {"ar3d": geometry},
-            "contrast_limits": contrast_limits(volume.array, volume.meta.get("modality")),
-            "colormap": "gray",
-        }
+        kwargs = {"name": _layer_name(Path(p)), "affine": affine, "metadata": {"ar3d": geometry}}
+        if _is_label_map(Path(p), volume.array):
+            layers.append((data.astype(np.int32, copy=False), kwargs, "labels"))
+            continue
+        kwargs["contrast_limits"] = contrast_limits(volume.array, volume.meta.get("modality"))
+        kwargs["colormap"] = "gray"
         layers.append((data, kwargs, "image"))
     return layers
 
@@ -65,6 +68,15 @@ def contrast_limits(array: np.ndarray, modality: str | None = None) -> tuple[flo
         return CT_WINDOW
     low, high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     return (low, high) if high > low else (low, low + 1.0)
+
+
+def _is_label_map(path: Path, array: np.ndarray) -> bool:
+    """A file named like a segmentation whose values are all whole numbers (float label files exist)."""
+    if not any(word in path.name.lower() for word in LABEL_WORDS):
+        return False
+    if np.issubdtype(array.dtype, np.integer):
+        return True
+    return bool(np.issubdtype(array.dtype, np.floating) and np.array_equal(array, np.round(array)))
 
 
 def _layer_name(path: Path) -> str:

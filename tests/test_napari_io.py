@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import napari
+import nibabel as nib
 import pytest
 import SimpleITK as sitk
 
@@ -206,3 +208,20 @@ def test_reader_and_writer_do_not_import_torch(scans, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "x.nii.gz").is_file()
+
+
+def test_label_map_opens_as_labels_layer(make_napari_viewer, tmp_path: Path) -> None:
+    """A seg file (here float-typed, as in some public data) opens as a labels layer on the image's grid."""
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])
+    affine[:3, 3] = (10.0, -20.0, 30.0)
+    labels = np.zeros((12, 10, 6), np.float32)
+    labels[2:5, 3:6, 1:3] = 2
+    image_path = write_volume(tmp_path / "scan.nii.gz", np.random.default_rng(0).normal(size=labels.shape), affine, kind="float")
+    seg_path = tmp_path / "scan_seg.nii.gz"
+    nib.save(nib.Nifti1Image(labels, affine), str(seg_path))  # float32 on disk
+    viewer = make_napari_viewer()
+    image, = viewer.open(str(image_path), plugin="napari-ar3d")
+    seg, = viewer.open(str(seg_path), plugin="napari-ar3d")
+    assert isinstance(seg, napari.layers.Labels) and not isinstance(image, napari.layers.Labels)
+    np.testing.assert_array_equal(seg.data, labels.transpose(2, 1, 0).astype(np.int32))
+    np.testing.assert_allclose(seg.affine.affine_matrix, image.affine.affine_matrix)
