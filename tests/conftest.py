@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,16 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def manifest(shared_data: Path) -> list[dict]:
     return json.loads((shared_data / "manifest.json").read_text())["cases"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; two threads thrash when other jobs share the 2 CPU cores."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

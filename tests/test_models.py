@@ -21,15 +21,6 @@ P = 4  # patch edge of the tiny test encoder
 TINY = dict(patch_size=P, width=32, depth=2, heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads thrash when other jobs share the 2 CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def encoder() -> ViT3D:
     torch.manual_seed(0)

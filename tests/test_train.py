@@ -38,15 +38,6 @@ class WavesDataset(Dataset):
         return torch.sin(freq[0] * x + freq[1] * y + freq[2] * (z + 4 * s) + phase)  # (4, 16, 16, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster (and steadier on a busy machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _objective(seed: int = 0, kind: str = "ar"):
     torch.manual_seed(seed)
     cfg = ViT3DConfig.preset("tiny", **ENCODER)
