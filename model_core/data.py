@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import Ar3dInputError
-from .io import _sitk, ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volume
+from .io import simpleitk, ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volume
 from .preprocess import PreprocessConfig, as_label_array, normalize_intensity, preprocess_volume, resample_to_grid
 from .progress import ProgressFn, report
 
@@ -242,7 +242,7 @@ def _is_seg_name(name: str) -> bool:
 
 def _is_3d_image(path: Path) -> bool:
     """Whether the header describes a scalar 3D volume (trailing size-1 dimensions allowed)."""
-    reader = _sitk().ImageFileReader()
+    reader = simpleitk().ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()

@@ -23,7 +23,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import nibabel as nib
 import numpy as np
@@ -44,7 +44,11 @@ _REVERSE4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], d
 _TAG_SERIES_UID, _TAG_DESCRIPTION, _TAG_MODALITY = "0020|000e", "0008|103e", "0008|0060"
 
 
-def _sitk():
+if TYPE_CHECKING:
+    import SimpleITK
+
+
+def simpleitk():
     """SimpleITK, imported on first use: NIfTI-only work never pays for it."""
     import SimpleITK
 
@@ -215,7 +219,7 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
 
 
 def _read_itk(path: Path, max_voxels: int) -> Volume:
-    sitk = _sitk()
+    sitk = simpleitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -239,7 +243,7 @@ def _read_itk(path: Path, max_voxels: int) -> Volume:
 
 
 def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
-    sitk = _sitk()
+    sitk = simpleitk()
     folder = path if path.is_dir() else path.parent
     if series_uid is None and not path.is_dir():
         series_uid = _dicom_tags(path).get(_TAG_SERIES_UID)  # a .dcm file picks its own series
@@ -280,7 +284,7 @@ def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
 
 
 def _dicom_tags(file: Path) -> dict[str, str]:
-    sitk = _sitk()
+    sitk = simpleitk()
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(file))
     try:
@@ -292,14 +296,14 @@ def _dicom_tags(file: Path) -> dict[str, str]:
 
 
 def _describe_series(folder: Path, uid: str) -> str:
-    sitk = _sitk()
+    sitk = simpleitk()
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
     description = _dicom_tags(Path(files[0])).get(_TAG_DESCRIPTION, "")
     return f"{uid} ({description!r}, {len(files)} slices)"
 
 
 def _volume_from_sitk(image: "SimpleITK.Image", shape: tuple[int, int, int], path: Path, meta: dict) -> Volume:
-    sitk = _sitk()
+    sitk = simpleitk()
     ndim = image.GetDimension()
     direction = np.array(image.GetDirection()).reshape(ndim, ndim)[:3, :3]
     spacing = np.array(image.GetSpacing()[:3])
@@ -386,7 +390,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, like: Volume 
 
 
 def _write_itk(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    sitk = _sitk()
+    sitk = simpleitk()
     lps = _LPS @ affine[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
     image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # (k, j, i)

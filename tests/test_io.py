@@ -179,7 +179,7 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch, ext: str, targ
         raise RuntimeError("disk full")
 
     module, function = target.split(".")
-    monkeypatch.setattr(nib if module == "nib" else io._sitk(), function, half_write_then_fail)
+    monkeypatch.setattr(nib if module == "nib" else io.simpleitk(), function, half_write_then_fail)
     with pytest.raises(Ar3dInputError, match="disk full"):
         write_volume(tmp_path / f"seg{ext}", _labels(), np.eye(4), kind="labels")
     assert list(tmp_path.iterdir()) == []
