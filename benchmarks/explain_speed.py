@@ -62,7 +62,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint folder or shipped name (default: random init of the shipped config)")
+    parser.add_argument("--model", help="checkpoint folder or shipped name (default: random init, shipped config)")
     parser.add_argument("--input", type=Path, help="a 3D image (default: a brain MRI phantom of --shape)")
     parser.add_argument("--shape", default="240,240,155", help="phantom shape (default 240,240,155)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, auto")
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.2f} |")
-    print(f"| sum of the stages (prediction and surprise each with their own causal pass) | {sum(t for _, t in rows):.2f} |")
+    stages = sum(t for _, t in rows)
+    print(f"| sum of the stages (prediction and surprise each with their own causal pass) | {stages:.2f} |")
     print(f"| **explain() end to end: read, 4 maps (one causal pass), write 4 files** | **{total:.2f}** |")
     print()
     print(f"target <= 30 s end to end: {'met' if total <= 30 else 'NOT met'}")

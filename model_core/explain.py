@@ -89,7 +89,9 @@ class ExplainModel:
     def __post_init__(self) -> None:
         cfg = self.encoder.cfg
         if cfg.in_channels != 1:
-            raise Ar3dInputError(f"model {self.name} reads {cfg.in_channels} channels; explain needs a single-channel encoder")
+            raise Ar3dInputError(
+                f"model {self.name} reads {cfg.in_channels} channels; explain needs a single-channel encoder"
+            )
         p = cfg.patch_size
         if len(self.window) != 3 or any(int(w) < 1 for w in self.window):
             raise Ar3dInputError(f"window {tuple(self.window)} must be three positive voxel counts")
@@ -232,7 +234,9 @@ def _as_input(array: np.ndarray, model: ExplainModel) -> torch.Tensor:
 
 def _layer_index(layer: int, depth: int) -> int:
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -depth <= layer < depth:
-        raise Ar3dInputError(f"layer {layer!r} does not exist; the encoder has {depth} blocks (0..{depth - 1}, or -1 for the last)")
+        raise Ar3dInputError(
+            f"layer {layer!r} does not exist; the encoder has {depth} blocks (0..{depth - 1}, or -1 for the last)"
+        )
     return int(layer) % depth
 
 
@@ -289,7 +293,8 @@ def attention_map(
     affines onto the model grid. The window (about `window` voxels on the model grid, default the
     model's pretraining sub-volume, at most the volume's size; rounded to an odd number of tokens) is
     centred on the query voxel and padded with the volume's minimum where it reaches outside.
-    `layer`, `head`, `rollout`: see `attention_matrix`. Returns a float32 (I, J, K) map on the input grid: the attention weights interpolated between
+    `layer`, `head`, `rollout`: see `attention_matrix`.
+    Returns a float32 (I, J, K) map on the input grid: the attention weights interpolated between
     token centres (the start token's share is left out), 0 outside the window.
     """
     cfg = model.encoder.cfg

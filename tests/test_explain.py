@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -64,17 +63,17 @@ def ct_volume(shape=(40, 36, 30), spacing=1.5, seed=0) -> np.ndarray:
     return (field / field.std() * 400.0).astype(np.float32)
 
 
-def ras_affine(shape, spacing, rotation=np.eye(3)) -> np.ndarray:
-    """An affine with `rotation` @ diag(spacing), centred on world (5, -3, 2) mm."""
+def ras_affine(shape, spacing, rotation: np.ndarray | None = None) -> np.ndarray:
+    """An affine with `rotation` (default none) @ diag(spacing), centred on world (5, -3, 2) mm."""
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([spacing] * 3)
+    affine[:3, :3] = (np.eye(3) if rotation is None else rotation) @ np.diag([spacing] * 3)
     affine[:3, 3] = np.array([5.0, -3.0, 2.0]) - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
     return affine
 
 
 def flipped(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same voxels in world space, stored with i and k reversed and j, k swapped (an LPS-like file)."""
-    I, J, K = array.shape
+    I, _, K = array.shape
     flip = np.array([[-1, 0, 0, I - 1], [0, 1, 0, 0], [0, 0, -1, K - 1], [0, 0, 0, 1]], dtype=float)
     array, affine = array[::-1, :, ::-1], affine @ flip
     swap = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -398,7 +397,7 @@ def test_cancel_writes_nothing(checkpoint, inputs, tmp_path):
 def ar3d(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "model_core.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_cli_explain_writes_the_maps(checkpoint, inputs, tmp_path):
