@@ -1,4 +1,4 @@
-"""The `ar3d` command line: `ar3d pretrain | info` (finetune, segment, explain, evaluate to come).
+"""The `ar3d` command line: `ar3d demo | pretrain | info | explain | finetune | segment | evaluate`.
 
 Each subcommand is a `Command`: a name, a one-line help, a function that adds its arguments and a
 function that runs it and returns the exit code. Add one by writing those two functions and
@@ -404,15 +404,28 @@ def _card(path: Path, config: dict) -> list[tuple[str, str]]:
         ("encoder", ", ".join(f"{k}={v}" for k, v in config["encoder"].items())),
         ("parameters", f"{n_params / 1e6:.2f} M (all tensors in {WEIGHTS_FILE})"),
         ("heads", ", ".join(config.get("heads", {})) or "none"),
+        *_segmentation_rows(config),
         ("modality", config.get("modality", "any")),
         ("preprocessing", json.dumps(config.get("preprocessing", {}))),
-        ("classes", ", ".join(config.get("classes", [])) or "none (an encoder)"),
+        ("classes", ", ".join(f"{k}={name}" for k, name in enumerate(config.get("classes", []), 1))
+         or "none (an encoder)"),
         ("resumable", "yes" if (path / TRAIN_STATE_DIR / "state.json").is_file() else "no"),
     ]
     for key, value in prov.items():
         rows.append((key, ", ".join(map(str, value)) if isinstance(value, list) else
                      json.dumps(value) if isinstance(value, dict) else str(value)))
     return rows
+
+
+def _segmentation_rows(config: dict) -> list[tuple[str, str]]:
+    """The decoder and window of a segmentation model (none for an encoder)."""
+    head = config.get("heads", {}).get("segmentation")
+    if not isinstance(head, dict) or "decoder" not in head:
+        return []
+    decoder = dict(head["decoder"])
+    kind = decoder.pop("kind", "?")
+    options = ", ".join(f"{k}={v}" for k, v in decoder.items())
+    return [("decoder", f"{kind} ({options}), window {'x'.join(map(str, head.get('roi', [])))} voxels")]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -480,6 +493,277 @@ def _three(text: str, kind: type, option: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
+# finetune
+
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="NAME_OR_DIR|scratch",
+                   help="pretrained encoder: a checkpoint folder, a shipped model's name (ar3d-encoder), or scratch")
+    p.add_argument("--train", action="append", nargs=2, required=True, metavar=("IMAGE", "SEG"),
+                   help="a training image and its segmentation on the same grid (repeatable)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new folder for the segmentation model")
+    labels = p.add_argument_group("classes")
+    labels.add_argument("--labels", metavar="1,2|all",
+                        help="label values kept as classes (default all, or only the --merge classes)")
+    labels.add_argument("--merge", action="append", default=[], metavar="NAME=1,2,3",
+                        help="join label values into one class NAME (repeatable)")
+    labels.add_argument("--annotation", choices=("full", "sparse"), default="full",
+                        help="full: 0 is background; sparse (scribbles): 0 is unannotated and ignored")
+    labels.add_argument("--background-label", metavar="NAME_OR_VALUE",
+                        help="sparse annotation: the label that is background (default: the one named background)")
+    model = p.add_argument_group("model")
+    model.add_argument("--mode", choices=("head", "full"), default="head",
+                       help="head: frozen encoder, light decoder on cached features (fast on a CPU); "
+                            "full: UNETR decoder and encoder with layer-wise lr decay")
+    model.add_argument("--config", metavar="SIZE_OR_JSON", help="encoder size for --model scratch (default tiny)")
+    model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="override one encoder field for --model scratch (repeatable)")
+    model.add_argument("--spacing", metavar="MM", help="model voxel spacing (default: the encoder's, else 1.5)")
+    model.add_argument("--roi", type=int, metavar="VOXELS", help="window edge (default 6 patches: 96 for 16^3)")
+    run = p.add_argument_group("training")
+    run.add_argument("--steps", type=int, help="optimizer steps (default 400 head, 300 full)")
+    run.add_argument("--batch-size", type=int, default=2, help="crops per step (default 2)")
+    run.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 head, 1e-4 full)")
+    run.add_argument("--crops", type=int, default=16, help="head mode: augmented crops cached per scan (default 16)")
+    run.add_argument("--flip-prob", type=float, default=0.0,
+                     help="probability of a flip along each axis (default 0: flips swap left and right)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    run.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: where supported)")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .finetune import SCRATCH, FinetuneConfig, class_names_beside, finetune
+    from .progress import Cancelled
+
+    if args.model != SCRATCH and (args.config or args.overrides):
+        raise Ar3dInputError("--config and --set choose the encoder for --model scratch only")
+    names: dict[int, str] = {}
+    for _, seg in args.train:
+        names = {**class_names_beside(seg), **names}
+    cfg = FinetuneConfig(
+        mode=args.mode,
+        annotation=args.annotation,
+        labels=_label_values(args.labels) if args.labels else "all",
+        merge=dict(_merge(item) for item in args.merge),
+        background_label=args.background_label,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        roi=args.roi,
+        crops_per_scan=args.crops,
+        flip_prob=args.flip_prob,
+        spacing=_spacing(args.spacing) if args.spacing else None,
+        scratch_config=_encoder_config(args.config or "tiny", args.overrides),
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+    )
+    command = "ar3d " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    bars = _PhaseProgress(tqdm)
+    try:
+        with _StopOnSignal() as stop:
+            result = finetune(args.model, [tuple(pair) for pair in args.train], args.out, cfg, class_names=names,
+                              provenance={"command": command}, progress=bars, should_stop=stop)
+    except Cancelled:
+        print("stopped before training; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        bars.close()
+    summary = (f"classes {', '.join(result.classes)}; {result.steps} steps, loss {result.loss:.4g}, "
+               f"training Dice {result.dice:.3f}, {result.wall_s:.0f} s")
+    if result.cancelled:
+        print(f"stopped at step {result.steps}; model: {result.checkpoint} ({summary})")
+        return 130
+    print(f"model: {result.checkpoint} ({summary})")
+    return 0
+
+
+def _label_values(text: str) -> str | list[int]:
+    if text.strip() == "all":
+        return "all"
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise Ar3dInputError(f"--labels {text!r} must be 'all' or positive label values, comma-separated")
+    return values
+
+
+def _merge(item: str) -> tuple[str, list[int]]:
+    name, sep, values = item.partition("=")
+    try:
+        numbers = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not sep or not name.strip() or not numbers or min(numbers) < 1:
+        raise Ar3dInputError(f"--merge {item!r} is not NAME=VALUE,VALUE,... with positive label values")
+    return name.strip(), numbers
+
+
+class _PhaseProgress:
+    """One tqdm bar per phase of a job (the `Progress.message`: reading, caching, training...)."""
+
+    def __init__(self, tqdm):
+        self.tqdm, self.message, self.bar = tqdm, None, None
+
+    def __call__(self, p) -> None:
+        if p.message != self.message:
+            self.close()
+            self.message, self.bar = p.message, _TqdmProgress(self.tqdm, p.message, unit="step")
+        self.bar(p)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------------------------------------
+# segment
+
+
+def _segment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="3D images: NIfTI, NRRD, MHA/MHD or DICOM folders")
+    p.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="a fine-tuned segmentation model")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT",
+                   help="label file for one input (.nii.gz, .nii, .nrrd, .mha); a folder for several")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write each class's probability (<name>_prob_<class>) and the uncertainty beside")
+    p.add_argument("--modality", choices=("CT", "MRI"), help="modality hint for the intensity normalisation")
+    p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring windows (default 0.25)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .infer import load_segmenter, segment
+    from .io import WRITE_SUFFIXES, read_volume, volume_format, write_volume
+
+    for item in args.inputs:
+        if not Path(item).exists():
+            raise Ar3dInputError("file not found", item)
+        if volume_format(item) is None:
+            raise Ar3dInputError("not a NIfTI, NRRD, MHA/MHD file or DICOM folder", item)
+    targets = _label_outputs(args.inputs, args.output, WRITE_SUFFIXES)
+    segmenter = load_segmenter(args.model)
+    for item, (target, base) in zip(args.inputs, targets):
+        volume = read_volume(item)
+        bar = _TqdmProgress(tqdm, Path(item).name, unit="batch")
+        try:
+            result = segment(segmenter, volume, device=args.device, sw_batch_size=args.sw_batch_size,
+                             overlap=args.overlap, probabilities=args.probabilities, modality=args.modality,
+                             progress=bar)
+        finally:
+            bar.close()
+        written: list[Path] = []
+        try:
+            if args.probabilities:
+                suffix = _split_suffix(target)[1]
+                for name, prob in zip(["background", *result.classes], result.probabilities):
+                    written.append(write_volume(f"{base}_prob_{_file_safe(name)}{suffix}", prob,
+                                                volume.affine, kind="float", like=volume))
+                written.append(write_volume(f"{base}_uncertainty{suffix}", result.uncertainty,
+                                            volume.affine, kind="float", like=volume))
+            written.append(write_volume(target, result.labels, volume.affine, kind="labels", like=volume))
+        except BaseException:
+            for path in written:  # the label map is written last: an input's files appear together or not at all
+                path.unlink(missing_ok=True)
+            raise
+        counts = ", ".join(f"{name} {int((result.labels == k).sum())}" for k, name in enumerate(result.classes, 1))
+        print(f"{target} ({counts} voxels)")
+    return 0
+
+
+def _label_outputs(inputs: Sequence[str], output: Path, suffixes: Sequence[str]) -> list[tuple[Path, Path]]:
+    """(label file, stem for the probability files) of each input.
+
+    One input: `output` itself, e.g. out.nii.gz and out_prob_<class>.nii.gz. Several (or `output` is a
+    folder): <output>/<input name>_seg.<ext> and <output>/<input name>_prob_<class>.<ext>.
+    """
+    if len(inputs) == 1 and not output.is_dir():
+        if not output.name.lower().endswith(tuple(suffixes)):
+            raise Ar3dInputError(f"the output must end with one of {', '.join(suffixes)} (or be a folder)", output)
+        if not output.parent.is_dir():
+            raise Ar3dInputError(f"folder {output.parent} does not exist", output)
+        return [(output, output.parent / _split_suffix(output)[0])]
+    if output.exists() and not output.is_dir():
+        raise Ar3dInputError("with several inputs the output must be a folder, and this is a file", output)
+    targets = []
+    for item in inputs:
+        stem, suffix = _split_suffix(Path(item))
+        targets.append((output / f"{stem}_seg{suffix if suffix.lower() in suffixes else '.nii.gz'}", output / stem))
+    names = [t.name for t, _ in targets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise Ar3dInputError(f"several inputs would write {', '.join(duplicates)}; segment them into separate folders")
+    output.mkdir(parents=True, exist_ok=True)
+    return targets
+
+
+def _split_suffix(path: Path) -> tuple[str, str]:
+    name = path.name.rstrip("/")
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return name, ""
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", required=True, type=Path, metavar="P", help="predicted label map")
+    p.add_argument("--truth", required=True, type=Path, metavar="T", help="reference label map on the same grid")
+    p.add_argument("--labels", metavar="1,2", help="label values to score (default: every non-zero value found)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    from .evaluate import evaluate_volumes, mean_dice
+    from .finetune import class_names_beside
+    from .io import read_volume
+
+    labels = _label_values(args.labels) if args.labels else None
+    if labels == "all":
+        labels = None
+    pred, truth = read_volume(args.pred), read_volume(args.truth)
+    scores = evaluate_volumes(pred, truth, labels)
+    names = class_names_beside(args.truth)
+
+    def number(x: float) -> float | None:
+        return None if math.isnan(x) or math.isinf(x) else round(x, 4)
+
+    if args.json:
+        print(json.dumps({
+            "pred": str(args.pred), "truth": str(args.truth),
+            "classes": [{"label": s.label, "name": names.get(s.label), "dice": number(s.dice),
+                         "hd95_mm": number(s.hd95_mm), "truth_voxels": s.truth_voxels, "pred_voxels": s.pred_voxels}
+                        for s in scores],
+            "mean_dice": number(mean_dice(scores)),
+        }, indent=2))
+        return 0
+    print(f"{'label':>5}  {'name':<20} {'dice':>6} {'hd95_mm':>8} {'truth':>9} {'pred':>9}")
+    for s in scores:
+        print(f"{s.label:>5}  {names.get(s.label, ''):<20} {s.dice:>6.3f} {s.hd95_mm:>8.2f} "
+              f"{s.truth_voxels:>9} {s.pred_voxels:>9}")
+    print(f"mean Dice {mean_dice(scores):.3f} over {sum(not math.isnan(s.dice) for s in scores)} classes")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 COMMANDS = [
@@ -487,6 +771,10 @@ COMMANDS = [
     Command("pretrain", "pretrain an encoder (autoregressive or MAE); torchrun-ready", _pretrain_arguments, _pretrain),
     Command("info", "list shipped models, or print a checkpoint's model card", _info_arguments, _info),
     Command("explain", "attention, next-token prediction, surprise and PCA maps of a scan", _explain_arguments, _explain),
+    Command("finetune", "fine-tune a segmentation model on a few annotated scans", _finetune_arguments, _finetune),
+    Command("segment", "segment scans with a fine-tuned model; labels in each input's own geometry",
+            _segment_arguments, _segment),
+    Command("evaluate", "Dice and HD95 per class of a label map against a reference", _evaluate_arguments, _evaluate),
 ]
 
 

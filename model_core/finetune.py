@@ -6,9 +6,10 @@ model.safetensors; config.json "classes" lists the K class names, label value k 
 
 Modes
 - "head": the encoder is frozen. Each training scan gets `crops_per_scan` augmented crops
-  (random crops around the foreground, flips, intensity scale and shift: MONAI transforms) whose
-  encoder features are computed once; the light decoder then trains for many steps on this
-  cache. Fast on a CPU.
+  (MONAI transforms: random crops near the foreground, optional flips, intensity scale and shift)
+  whose encoder features are computed once; the light decoder then trains for many steps on this
+  cache, each step on `points` sampled voxels of every crop (full-resolution tensors are what
+  makes a 3D decoder slow on a CPU). Fast on a CPU.
 - "full": the UNETR decoder and the encoder train together on fresh augmented crops every step,
   with layer-wise learning-rate decay (0.75 per block from the top, as in AR-SSL4M / BEiT).
 
@@ -96,9 +97,9 @@ class FinetuneConfig:
     roi: int | None = None  # training and inference window edge in voxels; default 6 patches (96 for 16^3 patches)
     crops_per_scan: int = 16  # head mode: augmented crops cached per scan
     points: int = 16384  # head mode: voxels per crop the light decoder is trained on at each step
-    pos_fraction: float = 0.67  # share of crops centred on a class voxel (the rest: on background)
-    flip_prob: float = 0.5  # probability of a flip along each axis
-    intensity_jitter: float = 0.1  # scale by 1 +- this and shift by +- this (intensities are in [0, 1])
+    pos_fraction: float = 0.67  # share of crops centred near a class voxel (the rest: on annotated background)
+    flip_prob: float = 0.0  # probability of a flip along each axis (off: mirroring swaps left and right anatomy)
+    intensity_jitter: float = 0.02  # scale by 1 +- this and shift by +- this (intensities in [0, 1]; 0.02 = 40 HU in CT)
     spacing: tuple[float, float, float] | None = None  # model voxel spacing; default the encoder's (else 1.5 mm)
     scratch_config: Union[str, ViT3DConfig] = "tiny"  # encoder size when starting from scratch
     seed: int = 0
@@ -346,23 +347,23 @@ def _class_edges(target: np.ndarray) -> np.ndarray:
 
 
 class CachedFeatureDataset(Dataset):
-    """Cached crops with their encoder features, reshuffled every pass, and voxels to train on.
+    """Cached crops with their encoder features, reshuffled every pass, and the voxels to train on.
 
     Items: {"volumes", "labels", "features", "points"}; "points" (N,) are flat voxel indices of the
-    crop: half drawn from every annotated voxel, a quarter from class voxels and a quarter from
-    voxels on a class boundary (a pure function of (seed, i)).
+    crop, three quarters drawn from every annotated voxel and a quarter from voxels on a class
+    boundary (a pure function of (seed, i)). Uniform draws keep the class frequencies of the
+    scans, so the decoder is not biased towards the foreground.
     """
 
     def __init__(self, items: list[dict[str, Tensor]], seed: int, points: int):
         self.items, self.seed, self.points = items, seed, points
-        self.pools = []  # per item: (annotated or None for all voxels, class voxels, boundary voxels)
+        self.pools = []  # per item: (annotated voxels, or None for all; voxels on a class boundary)
         for item in items:
             target = item["labels"][0].numpy()
             annotated = target != IGNORE
             edge = _class_edges(target) & annotated
             self.pools.append((
                 None if annotated.all() else np.flatnonzero(annotated).astype(np.int32),
-                np.flatnonzero(annotated & (target > 0)).astype(np.int32),
                 np.flatnonzero(edge).astype(np.int32),
             ))
 
@@ -372,18 +373,16 @@ class CachedFeatureDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         n = len(self.items)
         k = int(np.random.default_rng((self.seed, i // n)).permutation(n)[i % n])
-        item, (annotated, fg, edge) = self.items[k], self.pools[k]
+        item, (annotated, edge) = self.items[k], self.pools[k]
         rng = np.random.default_rng((self.seed, n, i))
-        size = item["labels"][0].numel()
-        quarter = 0
-        parts = []
-        for pool, count in ((fg, quarter), (edge, quarter)):
-            if len(pool):
-                parts.append(pool[rng.integers(0, len(pool), count)])
-        rest = self.points - sum(len(p) for p in parts)
-        parts.append(rng.integers(0, size, rest) if annotated is None or not len(annotated)
-                     else annotated[rng.integers(0, len(annotated), rest)])
-        return dict(item, points=torch.from_numpy(np.concatenate(parts).astype(np.int64)))
+        n_edge = self.points // 4 if len(edge) else 0
+        rest = self.points - n_edge
+        if annotated is None or not len(annotated):
+            points = rng.integers(0, item["labels"][0].numel(), rest)
+        else:
+            points = annotated[rng.integers(0, len(annotated), rest)]
+        points = np.concatenate([points, edge[rng.integers(0, max(1, len(edge)), n_edge)]])
+        return dict(item, points=torch.from_numpy(points.astype(np.int64)))
 
 
 def cache_features(

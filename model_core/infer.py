@@ -7,10 +7,10 @@
    Gaussian blending of the softmax probabilities, `sw_batch_size` windows per forward pass. The
    windows run on `device` (the GPU when there is one), the stitched volume stays on the CPU. A
    volume smaller than a window is padded (and cropped back);
-3. the probabilities go back onto the input's voxel grid (trilinear, one class at a time to bound
-   memory) and the label map is their argmax there: value k is the model's k-th class
+3. the probabilities go back onto the input's voxel grid (trilinear, in slabs to bound memory)
+   and the label map is their argmax there: value k is the model's k-th class
    (`segmenter.classes[k-1]`), 0 background. The uncertainty is the entropy of the probabilities
-   divided by log(K+1), so 0 is certain and 1 is uniform.
+   there divided by log(K+1), so 0 is certain and 1 is uniform.
 
 Outputs have the input's shape and belong to its affine, so they can be written with it or shown
 with the same napari layer transform.
@@ -28,13 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from monai.inferers import sliding_window_inference
 
 from .checkpoint import Checkpoint, load_checkpoint, load_into, resolve_model
 from .device import autocast_dtype, resolve_device
 from .errors import Ar3dInputError, CheckpointError
 from .io import Volume, read_volume
-from .preprocess import PreprocessConfig, guess_modality, preprocess_volume, resample_to_grid
+from .preprocess import PreprocessConfig, guess_modality, preprocess_volume
 from .progress import ProgressFn, StopFn, check_stop, report
 from .segmentation import SegmentationModel, model_from_config
 
@@ -201,28 +203,53 @@ def _sliding_window(
 
 
 def _to_source_grid(
-    probs: np.ndarray, pre, keep: bool, should_stop: StopFn
+    probs: np.ndarray, pre, keep: bool, should_stop: StopFn, chunk: int = 2**24
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Labels (argmax), uncertainty and optionally probabilities on the input grid, one class at a time."""
+    """Labels (argmax), uncertainty and optionally probabilities (K+1, I, J, K) on the input grid.
+
+    Every input voxel centre is mapped through world space onto the model grid and the K+1
+    probabilities are interpolated there (trilinear, `grid_sample`; the model grid covers the
+    input's field of view up to half a model voxel, clamped to its border), in slabs of about
+    `chunk` values so memory stays bounded on large CT.
+    """
     n = probs.shape[0]
-    entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=0) / math.log(n)  # (X, Y, Z)
-    uncertainty = np.clip(pre.to_source(entropy.astype(np.float32), order=1), 0.0, 1.0)
-    del entropy
+    src = torch.from_numpy(probs)[None]  # (1, K+1, X, Y, Z)
+    size = np.array(probs.shape[1:], dtype=np.float64)
+    to_src = np.linalg.inv(pre.affine) @ pre.source_affine  # input voxel (i, j, k) -> model voxel
+    # grid_sample with align_corners=True: -1 and 1 are the centres of the first and last voxel.
+    scale = np.where(size > 1, 2.0 / np.maximum(size - 1, 1), 0.0)
+    matrix = to_src[:3, :3] * scale[:, None]
+    offset = to_src[:3, 3] * scale - (size > 1)
     shape = pre.source_shape
-    labels = np.zeros(shape, dtype=np.uint8 if n <= 256 else np.uint16)
+    j, k = np.arange(shape[1]), np.arange(shape[2])
+    jk = matrix[:, 1, None, None] * j[None, :, None] + matrix[:, 2, None, None] * k[None, None, :]  # (3, J, K)
+    jk = torch.from_numpy((jk + offset[:, None, None]).astype(np.float32))
+
+    labels = np.empty(shape, dtype=np.uint8 if n <= 256 else np.uint16)
+    uncertainty = np.empty(shape, dtype=np.float32)
     full = np.empty((n, *shape), dtype=np.float32) if keep else None
-    best = None
-    for c in range(n):
+    rows = max(1, chunk // (n * shape[1] * shape[2]))
+    for i0 in range(0, shape[0], rows):
         check_stop(should_stop)
-        # Outside the model grid (at most half an input voxel) the background is certain.
-        p = resample_to_grid(probs[c], pre.affine, shape, pre.source_affine, order=1, cval=1.0 if c == 0 else 0.0)
+        i = torch.arange(i0, min(shape[0], i0 + rows), dtype=torch.float32)
+        coords = torch.from_numpy(matrix[:, 0].astype(np.float32))[:, None, None, None] * i[None, :, None, None]
+        coords = coords + jk[:, None]  # (3, r, J, K): model voxel (x, y, z), normalised
+        grid = coords.permute(1, 2, 3, 0).flip(-1)[None]  # (1, r, J, K, 3) as (z, y, x) for grid_sample
+        p = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]  # (K+1, r, J, K)
+        labels[i0 : i0 + len(i)] = _argmax_channels(p).numpy()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(0) / math.log(n)
+        uncertainty[i0 : i0 + len(i)] = entropy.clamp(0.0, 1.0).numpy()
         if full is not None:
-            full[c] = p
-        if best is None:
-            best = p
-            continue
-        better = p > best
-        labels[better] = c
-        np.maximum(best, p, out=best)
-        del p, better
+            full[:, i0 : i0 + len(i)] = p.numpy()
     return labels, uncertainty, full
+
+
+def _argmax_channels(p: Tensor) -> Tensor:
+    """argmax over dim 0 of (C, ...), the first maximum winning (faster than `argmax(0)` on a CPU)."""
+    best = p[0].clone()
+    index = torch.zeros(p.shape[1:], dtype=torch.uint8 if p.shape[0] <= 256 else torch.int32)
+    for c in range(1, p.shape[0]):
+        better = p[c] > best
+        index[better] = c
+        torch.maximum(best, p[c], out=best)
+    return index

@@ -123,7 +123,7 @@ class LightDecoder(nn.Module):
         self.patch_size = patch_size
         self.config = {"kind": "light", "num_classes": num_classes, "hidden": hidden, "refine": refine}
         self.coarse = nn.Sequential(
-            nn.Conv3d(in_features, hidden, 1), nn.GELU(),
+            nn.Conv3d(in_features + 2 * in_channels, hidden, 1), nn.GELU(),
             nn.Conv3d(hidden, hidden, 3, padding=1), nn.GELU(),
             nn.Conv3d(hidden, hidden, 3, padding=1), nn.GELU(),
             nn.Conv3d(hidden, refine, 1),
@@ -140,7 +140,10 @@ class LightDecoder(nn.Module):
                 f"image of spatial size {tuple(image.shape[2:])} does not match a {tuple(features.shape[2:])} "
                 f"token grid of patch size {self.patch_size}"
             )
-        return self.coarse(features.to(image.dtype))  # (B, refine, gx, gy, gz)
+        # The image's mean and standard deviation in every patch: intensity the encoder's layer norms may hide.
+        mean = F.avg_pool3d(image, self.patch_size)  # (B, C, gx, gy, gz)
+        std = (F.avg_pool3d(image * image, self.patch_size) - mean * mean).clamp_min(0).sqrt()
+        return self.coarse(torch.cat([features.to(image.dtype), mean, std], dim=1))  # (B, refine, gx, gy, gz)
 
     def forward(self, image: Tensor, features: Tensor) -> Tensor:
         """image (B, 1, X, Y, Z), features (B, 4C, gx, gy, gz) -> logits (B, K+1, X, Y, Z)."""

@@ -1,0 +1,276 @@
+"""Few-shot segmentation, leave-one-out on the shared real data: pretrained encoders against scratch and a UNet.
+
+Tasks (cases from `<data>/manifest.json`):
+- brats_whole_tumor: BraTS 2015 dev cases (FLAIR), whole tumour = every label > 0, merged into one class;
+- brats_classes: the same cases, one model for the four classes (necrosis, edema, non-enhancing,
+  enhancing), Dice per class;
+- spleen: the TotalSegmentator CT cases whose labels.json names a spleen (silver labels).
+
+Each fold trains on every case but one and segments the one left out (`model_core.segment`, on its
+own grid), scored with `model_core.evaluate` (Dice; HD95 in the JSON). Initialisations:
+- ar: the AR-pretrained encoder (`--ar DIR`), `ar3d finetune --mode head`;
+- mae: the MAE-pretrained encoder (`--mae DIR`), same settings;
+- scratch: a randomly initialised encoder of the same size (of `--ar`'s, else `--scratch-config`);
+- unet: MONAI `UNet` trained from scratch on the same preprocessed scans and crops, with the same
+  DiceCE loss, for the same wall-clock time as the first pretrained initialisation took on that
+  fold (or `--unet-seconds`).
+
+    python benchmarks/fewshot.py --quick                       # smoke check: one fold, few steps
+    python benchmarks/fewshot.py --ar runs/ar --mae runs/mae --markdown fewshot.md --out fewshot.json
+
+Prints a Markdown table (Dice of every left-out case, the mean, and the mean fine-tuning time) for
+docs/benchmarks.md. BraTS is non-commercial data: it is only fine-tuned and evaluated on here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared machine
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_core.checkpoint import read_config  # noqa: E402
+from model_core.data import cases_from_manifest  # noqa: E402
+from model_core.device import resolve_device  # noqa: E402
+from model_core.evaluate import evaluate_labels  # noqa: E402
+from model_core.finetune import (  # noqa: E402
+    FinetuneConfig,
+    CropDataset,
+    class_map,
+    dice_ce_loss,
+    finetune,
+    prepare_scan,
+)
+from model_core.infer import Segmenter, load_segmenter, segment  # noqa: E402
+from model_core.io import Volume, read_volume  # noqa: E402
+from model_core.models import ViT3DConfig  # noqa: E402
+from model_core.preprocess import IntensityConfig, PreprocessConfig, as_label_array, guess_modality, preprocess_volume, voxel_spacing  # noqa: E402,E501
+
+
+@dataclass
+class Task:
+    name: str
+    cases: list  # model_core.data.Case
+    labels: str | list[int]  # FinetuneConfig.labels
+    merge: dict[str, list[int]]
+    scored: dict[str, list[int]]  # reported class name -> truth label values it covers
+
+
+@dataclass
+class Run:
+    task: str
+    init: str
+    case: str
+    dice: dict[str, float]
+    hd95_mm: dict[str, float]
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def tasks(data: Path, names: list[str]) -> list[Task]:
+    cases = cases_from_manifest(data / "manifest.json", use="finetune")
+    brats = [c for c in cases if c.id.startswith("brats2015_")]
+    spleen = [c for c in cases if c.id.startswith("totalseg_") and "spleen" in c.labels.values()
+              and guess_modality(np.zeros(1), c.modality) == "ct"]
+    out = []
+    if "brats_whole_tumor" in names and len(brats) >= 2:
+        out.append(Task("brats_whole_tumor", brats, "all", {"whole_tumor": [1, 2, 3, 4]}, {"whole_tumor": [1, 2, 3, 4]}))
+    if "brats_classes" in names and len(brats) >= 2:
+        scored = {brats[0].labels[v]: [v] for v in sorted(brats[0].labels)}
+        out.append(Task("brats_classes", brats, [1, 2, 3, 4], {}, scored))
+    if "spleen" in names and len(spleen) >= 2:
+        # One class, named spleen, whatever its value in each case's labels.json (the same here: 1).
+        value = next(v for v, n in spleen[0].labels.items() if n == "spleen")
+        if all(c.labels.get(value) == "spleen" for c in spleen):
+            out.append(Task("spleen", spleen, [value], {}, {"spleen": [value]}))
+    return out
+
+
+def truth_scores(pred: np.ndarray, truth: Volume, scored: dict[str, list[int]], classes: list[str]) -> tuple[dict, dict]:
+    """Dice and HD95 of each reported class: the prediction's class (or classes) against the truth's values."""
+    truth_labels = as_label_array(truth.array)
+    dice, hd = {}, {}
+    for name, values in scored.items():
+        pred_mask = np.isin(pred, [k for k, c in enumerate(classes, 1) if c == name])
+        truth_mask = np.isin(truth_labels, values)
+        score = evaluate_labels(pred_mask.astype(np.uint8), truth_mask.astype(np.uint8), voxel_spacing(truth.affine), [1])[0]
+        dice[name], hd[name] = score.dice, score.hd95_mm
+    return dice, hd
+
+
+# ----------------------------------------------------------------------------- the UNet baseline
+
+
+def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig, spacing, seconds: float,
+                  device: torch.device, seed: int) -> tuple[np.ndarray, list[str], dict]:
+    """Train MONAI's UNet for `seconds` on the same crops and loss; return labels on the test grid."""
+    from monai.losses import MaskedDiceLoss
+    from monai.networks.nets import UNet
+
+    names = dict(train_cases[0].labels)
+    volumes = [(read_volume(c.image), read_volume(c.seg), c) for c in train_cases]
+    present = set().union(*(set(np.unique(as_label_array(s.array)).tolist()) for _, s, _ in volumes))
+    cmap = class_map(present, names, cfg)
+    kind = guess_modality(volumes[0][0].array, train_cases[0].modality)
+    pre_cfg = PreprocessConfig(spacing=spacing, intensity=IntensityConfig(kind))
+    roi = (cfg.roi,) * 3
+    scans = []
+    for image, seg, case in volumes:
+        labels = as_label_array(seg.array)
+        pre = preprocess_volume(image, pre_cfg, labels=cmap.lut(int(labels.max()))[labels], source=case.image)
+        scans.append(prepare_scan(pre.array, pre.labels, roi, case.id, case.seg))
+    crops = CropDataset(scans, roi, cfg, seed)
+    torch.manual_seed(seed)
+    K = len(cmap.classes)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=K + 1, channels=(16, 32, 64, 128, 256),
+               strides=(2, 2, 2, 2), num_res_units=2).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-5)
+    dice = MaskedDiceLoss(include_background=False, softmax=True, batch=True)
+    t0, step = time.perf_counter(), 0
+    net.train()
+    while time.perf_counter() - t0 < seconds:
+        batch = [crops[step * cfg.batch_size + j] for j in range(cfg.batch_size)]
+        x = torch.stack([b["volumes"] for b in batch]).to(device)
+        y = torch.stack([b["labels"] for b in batch]).to(device)
+        loss = dice_ce_loss(net(x), y, dice)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+    segmenter = Segmenter(model=net.eval(), classes=cmap.classes, preprocess=pre_cfg, roi=roi, modality="any",
+                          config={})
+    result = segment(segmenter, read_volume(test_case.image), device=device)
+    return result.labels, cmap.classes, {"steps": step, "loss": loss.item()}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: Path) -> list[Run]:
+    test = task.cases[test_index]
+    train_cases = [c for i, c in enumerate(task.cases) if i != test_index]
+    truth = read_volume(test.seg)
+    scratch = inits.get("ar") or inits.get("mae")
+    scratch_cfg = ViT3DConfig.from_dict(read_config(scratch)["encoder"]) if scratch else ViT3DConfig.preset(args.scratch_config)
+    runs, budget = [], args.unet_seconds
+    for init, model in inits.items():
+        if init == "unet":
+            continue
+        cfg = FinetuneConfig(mode="head", labels=task.labels, merge=task.merge, steps=args.steps,
+                             crops_per_scan=args.crops, roi=args.roi, spacing=args.spacing, scratch_config=scratch_cfg,
+                             seed=args.seed, device=args.device)
+        out = workdir / f"{task.name}_{test.id}_{init}"
+        t0 = time.perf_counter()
+        result = finetune(model, [(c.image, c.seg) for c in train_cases], out, cfg, class_names=train_cases[0].labels,
+                          modality=test.modality)
+        seconds = time.perf_counter() - t0
+        budget = budget or seconds
+        pred = segment(load_segmenter(out), read_volume(test.image), device=args.device, modality=test.modality)
+        dice, hd = truth_scores(pred.labels, truth, task.scored, result.classes)
+        runs.append(Run(task.name, init, test.id, dice, hd, seconds,
+                        {"cache_s": round(result.cache_s, 1), "train_s": round(result.train_s, 1)}))
+        print(f"  {task.name} {test.id} {init}: {fmt(dice)} ({seconds:.0f} s)", flush=True)
+    if "unet" in inits:
+        spacing = args.spacing or (tuple(read_config(scratch)["preprocessing"]["spacing"]) if scratch else (1.5,) * 3)
+        cfg = FinetuneConfig(labels=task.labels, merge=task.merge, roi=args.roi or 96, batch_size=2, seed=args.seed)
+        t0 = time.perf_counter()
+        labels, classes, extra = unet_baseline(task, train_cases, test, cfg, spacing, budget or 60.0,
+                                               resolve_device(args.device), args.seed)
+        dice, hd = truth_scores(labels, truth, task.scored, classes)
+        runs.append(Run(task.name, "unet", test.id, dice, hd, time.perf_counter() - t0, extra))
+        print(f"  {task.name} {test.id} unet: {fmt(dice)} ({budget:.0f} s budget, {extra['steps']} steps)", flush=True)
+    return runs
+
+
+def fmt(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def markdown(runs: list[Run]) -> str:
+    lines = []
+    for task in dict.fromkeys(r.task for r in runs):
+        task_runs = [r for r in runs if r.task == task]
+        cases = list(dict.fromkeys(r.case for r in task_runs))
+        classes = list(task_runs[0].dice)
+        lines += [f"**{task}** (Dice of the left-out case)", "",
+                  "| init | class | " + " | ".join(cases) + " | mean | fine-tune s |",
+                  "|---|---|" + "---|" * len(cases) + "---|---|"]
+        for init in dict.fromkeys(r.init for r in task_runs):
+            mine = {r.case: r for r in task_runs if r.init == init}
+            for name in classes:
+                values = [mine[c].dice[name] if c in mine else math.nan for c in cases]
+                finite = [v for v in values if not math.isnan(v)]
+                mean = f"{np.mean(finite):.3f}" if finite else "-"
+                secs = np.mean([r.seconds for r in mine.values()])
+                lines.append(f"| {init} | {name} | " + " | ".join("-" if math.isnan(v) else f"{v:.3f}" for v in values)
+                             + f" | {mean} | {secs:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("AR3D_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    parser.add_argument("--ar", help="AR-pretrained encoder checkpoint (folder or name)")
+    parser.add_argument("--mae", help="MAE-pretrained encoder checkpoint")
+    parser.add_argument("--inits", default="ar,mae,scratch,unet", help="initialisations to run (default all available)")
+    parser.add_argument("--tasks", default="brats_whole_tumor,brats_classes,spleen")
+    parser.add_argument("--folds", type=int, help="only the first N folds of each task")
+    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
+    parser.add_argument("--crops", type=int, default=16, help="cached crops per scan (default 16)")
+    parser.add_argument("--roi", type=int, help="window edge in voxels (default 6 patches)")
+    parser.add_argument("--spacing", type=float, help="model spacing in mm (default: the encoder's)")
+    parser.add_argument("--scratch-config", default="tiny", help="encoder size from scratch when no --ar/--mae")
+    parser.add_argument("--unet-seconds", type=float, help="UNet training time (default: the first init's time)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: one fold, 30 steps, 4 crops, 3 mm")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write every run as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    args = parser.parse_args()
+    if not (args.data / "manifest.json").is_file():
+        sys.exit(f"no manifest.json in {args.data}; pass --data or set AR3D_DATA")
+    if args.quick:
+        args.folds, args.steps, args.crops = 1, 30, 4
+        args.spacing = args.spacing or 3.0
+        args.unet_seconds = args.unet_seconds or 20.0
+    if args.spacing:
+        args.spacing = (args.spacing,) * 3
+    wanted = args.inits.split(",")
+    inits = {}
+    for name in wanted:
+        if name in ("ar", "mae"):
+            if getattr(args, name):
+                inits[name] = getattr(args, name)
+        elif name in ("scratch", "unet"):
+            inits[name] = name if name == "scratch" else "unet"
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:
+        for task in tasks(args.data, args.tasks.split(",")):
+            folds = range(len(task.cases))[: args.folds]
+            print(f"{task.name}: {len(task.cases)} cases, {len(folds)} folds, inits {', '.join(inits)}", flush=True)
+            for k in folds:
+                runs += run_fold(task, k, inits, args, Path(tmp))
+    table = markdown(runs)
+    print()
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.out:
+        args.out.write_text(json.dumps([r.__dict__ for r in runs], indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

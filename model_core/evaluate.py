@@ -1,0 +1,109 @@
+"""Segmentation metrics per class: Dice and the 95th-percentile Hausdorff distance (HD95) in mm.
+
+HD95 follows MONAI's `compute_hausdorff_distance(percentile=95)`: the distances from every
+surface voxel of the prediction to the nearest surface voxel of the truth, and the other way
+round; HD95 is the larger of the two 95th percentiles. Distances are in millimetres along the
+voxel axes (the column norms of the affine), computed with scipy's Euclidean distance transform.
+
+Conventions when a class is missing: absent from both -> Dice and HD95 are NaN (the class does
+not count in means); absent from one -> Dice 0 and HD95 infinite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from .errors import Ar3dInputError
+from .io import Volume
+from .preprocess import as_label_array, voxel_spacing
+
+
+@dataclass
+class ClassScore:
+    label: int
+    dice: float
+    hd95_mm: float
+    truth_voxels: int
+    pred_voxels: int
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; NaN when both are empty."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total if total else math.nan
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of `mask` with a 6-neighbour outside it (the array border counts as outside)."""
+    inner = ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(3, 1), border_value=0)
+    return mask & ~inner
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
+    """HD95 in mm of two boolean masks on a grid of `spacing` mm; NaN if both empty, inf if one is."""
+    if not pred.any() and not truth.any():
+        return math.nan
+    if not pred.any() or not truth.any():
+        return math.inf
+    # Only the bounding box of both masks matters (plus one voxel, so the border is outside).
+    both = np.argwhere(pred | truth)
+    lo, hi = np.maximum(both.min(0) - 1, 0), both.max(0) + 2
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    p = np.pad(pred[box], 1)
+    t = np.pad(truth[box], 1)
+    sp, st = _surface(p), _surface(t)
+    to_truth = ndi.distance_transform_edt(~st, sampling=spacing)[sp]  # pred surface -> nearest truth surface
+    to_pred = ndi.distance_transform_edt(~sp, sampling=spacing)[st]
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
+def check_same_grid(pred: Volume, truth: Volume) -> None:
+    """Raise `Ar3dInputError` naming both files when two volumes are not on one voxel grid."""
+    if pred.shape != truth.shape or not np.allclose(pred.affine, truth.affine, atol=1e-3):
+        raise Ar3dInputError(
+            f"prediction {pred.path} (shape {pred.shape}, affine {np.round(pred.affine, 3).tolist()}) and "
+            f"truth {truth.path} (shape {truth.shape}, affine {np.round(truth.affine, 3).tolist()}) "
+            "are not on the same voxel grid"
+        )
+
+
+def evaluate_labels(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], labels: Sequence[int] | None = None
+) -> list[ClassScore]:
+    """Dice and HD95 of every label value (default: the non-zero values in either map)."""
+    pred, truth = as_label_array(pred), as_label_array(truth)
+    if pred.shape != truth.shape:
+        raise Ar3dInputError(f"prediction of shape {pred.shape} and truth of shape {truth.shape} differ")
+    if labels is None:
+        labels = sorted((set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())) - {0})
+    scores = []
+    for value in labels:
+        p, t = pred == value, truth == value
+        scores.append(ClassScore(int(value), dice(p, t), hd95(p, t, spacing), int(t.sum()), int(p.sum())))
+    return scores
+
+
+def evaluate_volumes(pred: Volume, truth: Volume, labels: Sequence[int] | None = None) -> list[ClassScore]:
+    """`evaluate_labels` of two label volumes on the same grid; `labels` must occur in one of them."""
+    check_same_grid(pred, truth)
+    if labels is not None:
+        found = set(np.unique(as_label_array(pred.array, pred.path)).tolist()) | set(
+            np.unique(as_label_array(truth.array, truth.path)).tolist()
+        )
+        missing = [v for v in labels if v not in found]
+        if missing:
+            raise Ar3dInputError(
+                f"label value(s) {', '.join(map(str, missing))} occur in neither {pred.path} nor {truth.path}"
+            )
+    return evaluate_labels(pred.array, truth.array, voxel_spacing(truth.affine), labels)
+
+
+def mean_dice(scores: Sequence[ClassScore]) -> float:
+    """Mean Dice over the classes present in the prediction or the truth (NaN if none)."""
+    values = [s.dice for s in scores if not math.isnan(s.dice)]
+    return float(np.mean(values)) if values else math.nan

@@ -1,0 +1,261 @@
+"""Fine-tuning: class selection, input checks, layer-wise lr decay, the written checkpoint, cancel, accuracy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model_core.checkpoint import TRAIN_STATE_DIR, make_config, read_config, save_checkpoint
+from model_core.errors import Ar3dInputError
+from model_core.finetune import (
+    IGNORE,
+    FinetuneConfig,
+    SegmentationObjective,
+    check_pair,
+    class_map,
+    finetune,
+    layer_decay_groups,
+)
+from model_core.infer import load_segmenter, segment
+from model_core.io import Volume
+from model_core.models import ViT3D, ViT3DConfig
+from model_core.progress import Cancelled
+from model_core.segmentation import SegmentationModel, build_decoder
+from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
+
+TINY = ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)
+NAMES = {1: "liver", 2: "spleen", 3: "kidney", 9: "background"}
+
+
+def small_phantom(seed: int) -> tuple[Volume, Volume]:
+    ph = make_ct_abdomen(seed, shape=(48, 40, 24))
+    return Volume(ph.images["ct"], ph.affine, f"ct{seed}.nii.gz"), Volume(ph.labels, ph.affine, f"seg{seed}.nii.gz")
+
+
+def quick(**kw) -> FinetuneConfig:
+    base = dict(steps=4, crops_per_scan=2, points=512, roi=32, spacing=(8.0, 8.0, 8.0), scratch_config=TINY,
+                device="cpu")
+    return FinetuneConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def test_all_labels_become_classes_in_value_order():
+    cmap = class_map({0, 3, 1, 2}, NAMES, FinetuneConfig())
+    assert cmap.classes == ["liver", "spleen", "kidney"]
+    assert cmap.lut(3).tolist() == [0, 1, 2, 3]
+
+
+def test_selected_labels_and_merges():
+    cmap = class_map({0, 1, 2, 3, 4}, NAMES, FinetuneConfig(labels=[2], merge={"organs": [1, 3]}))
+    assert cmap.classes == ["spleen", "organs"]
+    assert cmap.lut(4).tolist() == [0, 2, 1, 2, 0]  # 4: neither kept nor merged -> background
+    merged_only = class_map({0, 1, 2, 3, 4}, NAMES, FinetuneConfig(merge={"tumor": [1, 2, 3, 4]}))
+    assert merged_only.classes == ["tumor"] and merged_only.lut(4).tolist() == [0, 1, 1, 1, 1]
+
+
+def test_labels_that_do_not_occur_are_refused():
+    with pytest.raises(Ar3dInputError, match=r"label value\(s\) 7 do not occur .*found 1, 2"):
+        class_map({0, 1, 2}, NAMES, FinetuneConfig(labels=[1, 7]))
+    with pytest.raises(Ar3dInputError, match="both kept and merged"):
+        class_map({0, 1, 2}, NAMES, FinetuneConfig(labels=[1], merge={"x": [1, 2]}))
+
+
+def test_sparse_annotation_ignores_zero_and_needs_a_background_label():
+    cmap = class_map({0, 1, 9}, NAMES, FinetuneConfig(annotation="sparse"))  # 9 is named "background"
+    lut = cmap.lut(9)
+    assert cmap.classes == ["liver"]
+    assert lut[0] == IGNORE and lut[9] == 0 and lut[1] == 1
+    by_value = class_map({0, 1, 5}, {}, FinetuneConfig(annotation="sparse", background_label=5))
+    assert by_value.lut(5)[5] == 0 and by_value.classes == ["label_1"]
+    with pytest.raises(Ar3dInputError, match="background label"):
+        class_map({0, 1, 2}, NAMES, FinetuneConfig(annotation="sparse"))
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def test_an_image_and_a_segmentation_on_different_grids_are_refused():
+    image, seg = small_phantom(0)
+    other = Volume(seg.array[:, :, :20], seg.affine, "short_seg.nii.gz")
+    with pytest.raises(Ar3dInputError) as err:
+        check_pair(image, other, "ct0.nii.gz", "short_seg.nii.gz")
+    message = str(err.value)
+    assert "ct0.nii.gz" in message and "short_seg.nii.gz" in message
+    assert "(48, 40, 24)" in message and "(48, 40, 20)" in message
+    moved = Volume(seg.array, seg.affine + np.diag([0, 0, 0.5, 0]), "moved_seg.nii.gz")
+    with pytest.raises(Ar3dInputError, match="moved_seg.nii.gz.*not on the same voxel grid"):
+        check_pair(image, moved, "ct0.nii.gz", "moved_seg.nii.gz")
+
+
+def test_an_empty_segmentation_is_refused():
+    image, seg = small_phantom(0)
+    empty = Volume(np.zeros_like(seg.array), seg.affine, "empty.nii.gz")
+    with pytest.raises(Ar3dInputError, match="empty.nii.gz: segmentation is empty"):
+        check_pair(image, empty, "ct0.nii.gz", "empty.nii.gz")
+
+
+@pytest.mark.parametrize("problem", ["unknown model", "missing label", "empty", "grid"])
+def test_bad_inputs_write_nothing(tmp_path, problem):
+    image, seg = small_phantom(0)
+    model, cfg = "scratch", quick()
+    if problem == "unknown model":
+        model = "no-such-model"
+    elif problem == "missing label":
+        cfg = quick(labels=[1, 42])
+    elif problem == "empty":
+        seg = Volume(np.zeros_like(seg.array), seg.affine, "empty.nii.gz")
+    else:
+        seg = Volume(seg.array[1:], seg.affine, "cut.nii.gz")
+    with pytest.raises(Ar3dInputError):
+        finetune(model, [(image, seg)], tmp_path / "out", cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def test_layer_wise_lr_decay():
+    model = SegmentationModel(ViT3D(TINY), build_decoder("unetr", TINY, 2))
+    groups = layer_decay_groups(SegmentationObjective(model, frozen_encoder=False), 1e-3, 0.01, 0.75)
+    lr_of = {}
+    for g in groups:
+        for p in g["params"]:
+            lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    d = TINY.depth
+    assert lr_of[id(model.encoder.blocks[-1].mlp[0].weight)] == (pytest.approx(1e-3 * 0.75), 0.01)
+    assert lr_of[id(model.encoder.blocks[0].mlp[0].weight)][0] == pytest.approx(1e-3 * 0.75**d)
+    assert lr_of[id(model.encoder.patch_embed.weight)][0] == pytest.approx(1e-3 * 0.75 ** (d + 1))
+    assert lr_of[id(model.encoder.start_token)][1] == 0.0
+    assert lr_of[id(model.decoder.out.conv.conv.weight)] == (pytest.approx(1e-3), 0.01)
+    assert lr_of[id(model.encoder.blocks[0].norm1.bias)][1] == 0.0
+    n_params = sum(1 for p in model.parameters())
+    assert sum(len(g["params"]) for g in groups) == n_params
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_finetune_writes_a_complete_segmentation_checkpoint(tmp_path, mode):
+    pairs = [small_phantom(0), small_phantom(1)]
+    reports = []
+    result = finetune("scratch", pairs, tmp_path / "model", quick(mode=mode, labels=[1, 2]),
+                      class_names=CT_CLASSES, provenance={"command": "test"}, progress=reports.append)
+    assert result.checkpoint == tmp_path / "model" and not result.cancelled and result.steps == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no work folder left behind
+    files = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert "config.json" in files and "model.safetensors" in files and TRAIN_STATE_DIR not in files
+    config = read_config(tmp_path / "model")
+    assert config["classes"] == ["liver", "spleen"]
+    assert config["modality"] == "CT"
+    assert config["preprocessing"]["spacing"] == [8.0, 8.0, 8.0]
+    assert config["preprocessing"]["intensity"]["kind"] == "ct"
+    head = config["heads"]["segmentation"]
+    assert head["decoder"]["kind"] == ("light" if mode == "head" else "unetr") and head["roi"] == [32, 32, 32]
+    prov = config["provenance"]
+    assert prov["mode"] == mode and prov["encoder"] == "scratch" and prov["command"] == "test"
+    assert prov["label_map"]["classes"] == {"liver": [1], "spleen": [2]}
+    assert np.isfinite(prov["metrics"]["loss"])
+    messages = {r.message for r in reports}
+    assert "training" in messages and ("caching encoder features" in messages) == (mode == "head")
+    assert all("dice" in r.metrics for r in reports if r.message == "training")
+    segmenter = load_segmenter(tmp_path / "model")
+    assert segmenter.classes == ["liver", "spleen"]
+    out = segment(segmenter, pairs[0][0], device="cpu")
+    assert out.labels.shape == pairs[0][0].shape and out.labels.max() <= 2
+
+
+def test_finetune_from_a_pretrained_encoder_keeps_its_preprocessing(tmp_path):
+    torch.manual_seed(0)
+    encoder = ViT3D(TINY)
+    config = make_config(TINY.to_dict(), objective="ar", modality="MRI",
+                         preprocessing={"spacing": [6.0, 6.0, 6.0], "intensity": None},
+                         provenance={"steps": 7, "data": ["somewhere"]})
+    save_checkpoint(tmp_path / "enc", {f"encoder.{k}": v for k, v in encoder.state_dict().items()}, config)
+    with pytest.warns(UserWarning, match="pretrained on MRI"):
+        finetune(tmp_path / "enc", [small_phantom(0)], tmp_path / "seg", quick(spacing=None, labels=[1]))
+    saved = read_config(tmp_path / "seg")
+    assert saved["preprocessing"]["spacing"] == [6.0, 6.0, 6.0]
+    assert saved["provenance"]["encoder_provenance"]["steps"] == 7
+    segmenter = load_segmenter(tmp_path / "seg")
+    state = segmenter.model.encoder.state_dict()
+    untouched = encoder.state_dict()  # head mode: the encoder is frozen
+    assert all(torch.equal(state[k], untouched[k]) for k in state)
+
+
+def test_sparse_scribbles_train(tmp_path):
+    image, seg = small_phantom(0)
+    scribbles = np.zeros_like(seg.array)
+    liver = np.argwhere(seg.array == 1)
+    outside = np.argwhere(seg.array == 0)
+    rng = np.random.default_rng(0)
+    for idx in liver[rng.choice(len(liver), 60)]:
+        scribbles[tuple(idx)] = 1
+    for idx in outside[rng.choice(len(outside), 200)]:
+        scribbles[tuple(idx)] = 9
+    result = finetune("scratch", [(image, Volume(scribbles, seg.affine, "scribbles.nii.gz"))], tmp_path / "m",
+                      quick(annotation="sparse"), class_names={1: "liver", 9: "background"})
+    assert result.classes == ["liver"]
+    assert read_config(tmp_path / "m")["provenance"]["label_map"] == {
+        "classes": {"liver": [1]}, "background": [9], "ignored": [0]}
+
+
+def test_a_volume_smaller_than_a_window_is_padded(tmp_path):
+    image, seg = small_phantom(0)  # about 48 x 40 x 27 voxels at 8 mm: padded to 64^3 windows
+    result = finetune("scratch", [(image, seg)], tmp_path / "m", quick(labels=[1], roi=64))
+    assert result.steps == 4
+
+
+def test_cancel_before_training_writes_nothing_and_during_training_keeps_the_model(tmp_path):
+    pairs = [small_phantom(0)]
+    with pytest.raises(Cancelled):
+        finetune("scratch", pairs, tmp_path / "a", quick(), should_stop=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+    state = {"training": 0}
+
+    def stop_after_two_steps() -> bool:
+        return state["training"] >= 2
+
+    def count(p) -> None:
+        if p.message == "training":
+            state["training"] = p.step
+
+    result = finetune("scratch", pairs, tmp_path / "b", quick(steps=10), progress=count,
+                      should_stop=stop_after_two_steps)
+    assert result.cancelled and result.steps == 2
+    assert read_config(tmp_path / "b")["provenance"]["cancelled"] is True
+
+
+def test_an_output_folder_with_a_checkpoint_is_refused(tmp_path):
+    finetune("scratch", [small_phantom(0)], tmp_path / "m", quick(labels=[1]))
+    with pytest.raises(Ar3dInputError, match="already holds a checkpoint"):
+        finetune("scratch", [small_phantom(0)], tmp_path / "m", quick(labels=[1]))
+
+
+def _liver_dice(segmenter, seed: int) -> float:
+    ph = make_ct_abdomen(seed)
+    pred = segment(segmenter, Volume(ph.images["ct"], ph.affine), device="cpu").labels == 1
+    truth = ph.labels == 1
+    return 2.0 * np.logical_and(pred, truth).sum() / (pred.sum() + truth.sum())
+
+
+@pytest.mark.slow
+def test_head_mode_on_one_phantom_segments_the_liver_of_another(tmp_path):
+    ph = make_ct_abdomen(0)
+    pairs = [(Volume(ph.images["ct"], ph.affine), Volume(ph.labels, ph.affine))]
+    cfg = FinetuneConfig(labels=[1], steps=600, crops_per_scan=64, roi=48, spacing=(4.0, 4.0, 4.0),
+                         scratch_config=TINY, device="cpu")
+    t0 = time.perf_counter()
+    finetune("scratch", pairs, tmp_path / "m", cfg, class_names=CT_CLASSES)
+    elapsed = time.perf_counter() - t0
+    segmenter = load_segmenter(tmp_path / "m")
+    scores = {seed: _liver_dice(segmenter, seed) for seed in (0, 1, 2)}
+    print(json.dumps({"finetune_s": round(elapsed, 1), "liver_dice": scores}))
+    assert scores[0] >= 0.85  # the phantom it was trained on
+    assert min(scores[1], scores[2]) >= 0.7  # other phantoms (the measured figures are in the report)
