@@ -15,6 +15,9 @@ own grid), scored with `model_core.evaluate` (Dice; HD95 in the JSON). Initialis
   DiceCE loss, for the same wall-clock time as the first pretrained initialisation took on that
   fold (or `--unet-seconds`).
 
+Augmentation: flips (probability 0.5 per axis) for the brain tumour tasks, none for the spleen
+(mirroring swaps left and right organs); MONAI crops and intensity jitter for all.
+
     python benchmarks/fewshot.py --quick                       # smoke check: one fold, few steps
     python benchmarks/fewshot.py --ar runs/ar --mae runs/mae --markdown fewshot.md --out fewshot.json
 
@@ -66,6 +69,7 @@ class Task:
     labels: str | list[int]  # FinetuneConfig.labels
     merge: dict[str, list[int]]
     scored: dict[str, list[int]]  # reported class name -> truth label values it covers
+    flip_prob: float  # flips are natural for brain tumours, not for left/right organs
 
 
 @dataclass
@@ -86,15 +90,16 @@ def tasks(data: Path, names: list[str]) -> list[Task]:
               and guess_modality(np.zeros(1), c.modality) == "ct"]
     out = []
     if "brats_whole_tumor" in names and len(brats) >= 2:
-        out.append(Task("brats_whole_tumor", brats, "all", {"whole_tumor": [1, 2, 3, 4]}, {"whole_tumor": [1, 2, 3, 4]}))
+        out.append(Task("brats_whole_tumor", brats, "all", {"whole_tumor": [1, 2, 3, 4]}, {"whole_tumor": [1, 2, 3, 4]},
+                        flip_prob=0.5))
     if "brats_classes" in names and len(brats) >= 2:
         scored = {brats[0].labels[v]: [v] for v in sorted(brats[0].labels)}
-        out.append(Task("brats_classes", brats, [1, 2, 3, 4], {}, scored))
+        out.append(Task("brats_classes", brats, [1, 2, 3, 4], {}, scored, flip_prob=0.5))
     if "spleen" in names and len(spleen) >= 2:
         # One class, named spleen, whatever its value in each case's labels.json (the same here: 1).
         value = next(v for v, n in spleen[0].labels.items() if n == "spleen")
         if all(c.labels.get(value) == "spleen" for c in spleen):
-            out.append(Task("spleen", spleen, [value], {}, {"spleen": [value]}))
+            out.append(Task("spleen", spleen, [value], {}, {"spleen": [value]}, flip_prob=0.0))
     return out
 
 
@@ -149,10 +154,11 @@ def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig,
         loss.backward()
         optimizer.step()
         step += 1
+    train_s = time.perf_counter() - t0
     segmenter = Segmenter(model=net.eval(), classes=cmap.classes, preprocess=pre_cfg, roi=roi, modality="any",
                           config={})
     result = segment(segmenter, read_volume(test_case.image), device=device)
-    return result.labels, cmap.classes, {"steps": step, "loss": loss.item()}
+    return result.labels, cmap.classes, {"steps": step, "loss": loss.item(), "train_s": round(train_s, 1)}
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -170,6 +176,7 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
             continue
         cfg = FinetuneConfig(mode="head", labels=task.labels, merge=task.merge, steps=args.steps,
                              crops_per_scan=args.crops, roi=args.roi, spacing=args.spacing, scratch_config=scratch_cfg,
+                             flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob,
                              seed=args.seed, device=args.device)
         out = workdir / f"{task.name}_{test.id}_{init}"
         t0 = time.perf_counter()
@@ -184,12 +191,12 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
         print(f"  {task.name} {test.id} {init}: {fmt(dice)} ({seconds:.0f} s)", flush=True)
     if "unet" in inits:
         spacing = args.spacing or (tuple(read_config(scratch)["preprocessing"]["spacing"]) if scratch else (1.5,) * 3)
-        cfg = FinetuneConfig(labels=task.labels, merge=task.merge, roi=args.roi or 96, batch_size=2, seed=args.seed)
-        t0 = time.perf_counter()
+        cfg = FinetuneConfig(labels=task.labels, merge=task.merge, roi=args.roi or 96, batch_size=2, seed=args.seed,
+                             flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob)
         labels, classes, extra = unet_baseline(task, train_cases, test, cfg, spacing, budget or 60.0,
                                                resolve_device(args.device), args.seed)
         dice, hd = truth_scores(labels, truth, task.scored, classes)
-        runs.append(Run(task.name, "unet", test.id, dice, hd, time.perf_counter() - t0, extra))
+        runs.append(Run(task.name, "unet", test.id, dice, hd, extra["train_s"], extra))
         print(f"  {task.name} {test.id} unet: {fmt(dice)} ({budget:.0f} s budget, {extra['steps']} steps)", flush=True)
     return runs
 
@@ -230,6 +237,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, help="only the first N folds of each task")
     parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
     parser.add_argument("--crops", type=int, default=16, help="cached crops per scan (default 16)")
+    parser.add_argument("--flip-prob", type=float,
+                        help="flip probability per axis (default: 0.5 for the BraTS tasks, 0 for the spleen)")
     parser.add_argument("--roi", type=int, help="window edge in voxels (default 6 patches)")
     parser.add_argument("--spacing", type=float, help="model spacing in mm (default: the encoder's)")
     parser.add_argument("--scratch-config", default="tiny", help="encoder size from scratch when no --ar/--mae")

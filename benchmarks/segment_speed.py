@@ -6,12 +6,13 @@ Volumes (written as NIfTI into a temporary folder):
   view (0.71 x 0.59 x 1.12 mm), else a CT phantom resampled the same way.
 
 Each measurement runs in a fresh subprocess, so its peak resident memory (`ru_maxrss`, imports
-included) belongs to it alone:
-- ours: `ar3d segment --model M INPUT -o OUT` end to end (read, preprocess to the model spacing,
-  sliding windows, resample back, write), timed inside the process around the CLI call;
-- UNETR: MONAI `UNETR` (default config: 16^3 patches, width 768, 12 blocks, feature size 16) on
-  96^3 windows over the volume at its own spacing after the same intensity normalisation, same
-  overlap, Gaussian blending and window batch, argmax and write, timed the same way.
+included) belongs to it alone. Both start the clock after importing torch and MONAI (and starting
+CUDA), and stop it when the label file is written:
+- ours: `ar3d segment --model M INPUT -o OUT` (load the model, read, preprocess to the model
+  spacing, sliding windows, resample back, write), timed inside the process around the CLI call;
+- UNETR: MONAI `UNETR` (default config: 16^3 patches, width 768, 12 blocks, feature size 16; built
+  with random weights) on 96^3 windows over the volume at its own spacing after the same
+  intensity normalisation, same overlap, Gaussian blending and window batch, argmax and write.
 
 The model is `--model DIR` (a fine-tuned segmentation checkpoint) or, by default, a random-weight
 model of `--config` size (base: the size of the seed's encoder) with the light decoder and
@@ -42,9 +43,23 @@ sys.path.insert(0, str(REPO))
 # ----------------------------------------------------------------------------- workers (one per subprocess)
 
 
+def _warm_up(device_name: str) -> None:
+    """Import torch and MONAI and start CUDA before the clock starts, the same for both workers."""
+    import monai.inferers  # noqa: F401
+    import torch
+
+    from model_core.device import resolve_device
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+
+
 def worker_ours(args) -> dict:
+    from model_core import infer  # noqa: F401  (the CLI imports it lazily)
     from model_core.cli import main as ar3d
 
+    _warm_up(args.device)
     t0 = time.perf_counter()
     code = ar3d(["segment", "--model", args.model, args.input, "-o", args.output, "--device", args.device,
                  "--overlap", str(args.overlap), "--sw-batch-size", str(args.sw_batch_size)])
@@ -63,10 +78,11 @@ def worker_unetr(args) -> dict:
     from model_core.io import read_volume, write_volume
     from model_core.preprocess import IntensityConfig, guess_modality, normalize_intensity
 
+    _warm_up(args.device)
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    net = UNETR(in_channels=1, out_channels=args.classes + 1, img_size=96).to(device).eval()
     t0 = time.perf_counter()
+    net = UNETR(in_channels=1, out_channels=args.classes + 1, img_size=96).to(device).eval()
     volume = read_volume(args.input)
     x = normalize_intensity(volume.array, IntensityConfig(guess_modality(volume.array)))
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

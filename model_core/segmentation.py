@@ -11,9 +11,11 @@ patch size p; its patch tokens become a (B, C, gx, gy, gz) grid (the start token
   concatenating one skip per level and, at full resolution, a convolution of the image itself.
 - `LightDecoder`: for few-shot training on frozen, cached encoder features. Its input is the
   concatenation of 4 levels of token features (`feature_blocks(depth, 4)`, each layer-normalised
-  without parameters): (B, 4C, gx, gy, gz). A few convolutions at token resolution, trilinear
-  upsampling to full resolution, then a per-voxel refinement that also sees the image (its
-  intensity and one 3x3x3 convolution of it) sharpens boundaries. Cheap enough to train on a CPU.
+  without parameters): (B, 4C, gx, gy, gz), plus each patch's intensity mean and standard
+  deviation. A few convolutions at token resolution, trilinear upsampling to full resolution,
+  then a per-voxel refinement that also sees the image (its intensity and one 3x3x3 convolution
+  of it) sharpens boundaries. Trained on sampled voxels (`forward_points`), it is cheap enough to
+  train on a CPU.
 
 `SegmentationModel(encoder, decoder)(x)` maps (B, 1, X, Y, Z) to logits (B, K+1, X, Y, Z): channel 0
 is background, channels 1..K the classes in the order of the checkpoint's "classes".

@@ -87,6 +87,7 @@ def test_a_rerun_updates_the_layers_in_place(widget, qtbot):
     wait_idle(qtbot, widget.panel)
     labels, uncertainty = viewer.layers["ct segmentation"], viewer.layers["ct uncertainty"]
     n_layers = len(viewer.layers)
+    labels.opacity, uncertainty.colormap = 0.25, "viridis"  # the user's display choices
     image.data = ct_phantom(1).images["ct"].transpose(2, 1, 0)  # another scan, shown on the first one's grid
     widget.run()
     wait_idle(qtbot, widget.panel)
@@ -94,6 +95,8 @@ def test_a_rerun_updates_the_layers_in_place(widget, qtbot):
     assert viewer.layers["ct segmentation"] is labels and viewer.layers["ct uncertainty"] is uncertainty
     assert np.array_equal(np.asarray(labels.data), _expected_labels(1).transpose(2, 1, 0))
     assert not np.array_equal(_expected_labels(0), _expected_labels(1))
+    assert labels.opacity == 0.25 and uncertainty.colormap.name == "viridis"
+    assert list(labels.features["class"]) == ["background", "liver", "spleen"]
 
 
 def test_no_image_layer_is_a_notification(widget):
@@ -175,3 +178,16 @@ def test_out_of_memory_on_the_cpu_says_what_to_do_and_changes_nothing(widget, qt
         wait_idle(qtbot, widget.panel)
     assert any("Out of memory" in m and "crop the volume" in m for m in errors(seen)), seen
     assert [layer.name for layer in widget.viewer.layers] == names
+
+
+def test_a_warning_from_the_core_becomes_a_notification(widget, qtbot):
+    from napari_ar3d.sample_data.phantoms import make_brain_mri
+
+    mri = make_brain_mri(0, shape=(48, 56, 48))
+    widget.viewer.add_image(mri.images["t1c"].transpose(2, 1, 0), name="brain")
+    with notifications() as seen:
+        widget.run()
+        wait_idle(qtbot, widget.panel)
+    warnings = [n.message for n in seen if str(n.severity) == "warning"]
+    assert any("looks like MRI but the model was trained on CT" in m for m in warnings), seen
+    assert "brain segmentation" in widget.viewer.layers  # a warning, not an error

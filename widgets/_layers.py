@@ -18,6 +18,10 @@ from model_core.io import Volume, from_napari
 from napari_ar3d._writer import data_to_world
 
 TRANSFORM_ATTRS = ("scale", "translate", "rotate", "shear")
+USER_CHOICES = {  # display attributes an output layer keeps when a re-run updates it
+    "image": ("opacity", "blending", "colormap", "rgb"),
+    "labels": ("opacity", "blending"),
+}
 DEFAULT_COLORS = (  # label 1, 2, ...: a qualitative palette (Tableau 10), then repeated
     (0.12, 0.47, 0.71), (1.00, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),
     (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81),
@@ -82,7 +86,9 @@ def show_output(viewer: Any, image: Any, kind: str, data: np.ndarray, name: str,
     """Add the output layer `name` aligned with `image`, or update it in place if it is still in the viewer.
 
     kind: "image" or "labels"; attrs: display attributes (colormap, contrast_limits, blending...).
-    An existing layer keeps its identity: its data is replaced and its transform re-copied from `image`.
+    An existing layer keeps its identity and the user's display choices (`USER_CHOICES`): its data
+    is replaced, its transform re-copied from `image`, and what follows the data is set again
+    (contrast limits; a labels layer's class names and colours).
     """
     if name in viewer.layers and viewer.layers[name].__class__.__name__.lower() == kind:
         layer = viewer.layers[name]
@@ -93,7 +99,7 @@ def show_output(viewer: Any, image: Any, kind: str, data: np.ndarray, name: str,
             layer.contrast_limits_range = _span(data, attrs["contrast_limits"])
         layer.data = data
         for key, value in attrs.items():
-            if key != "rgb":
+            if key not in USER_CHOICES[kind]:
                 setattr(layer, key, value)
         return layer
     add = viewer.add_labels if kind == "labels" else viewer.add_image

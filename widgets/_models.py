@@ -31,7 +31,6 @@ class ModelEntry:
 
     label: str  # what the combo box shows
     source: str  # a shipped model's name or a checkpoint folder
-    origin: str  # "shipped", "folder" or "session"
 
 
 class ModelRegistry(QObject):
@@ -43,7 +42,7 @@ class ModelRegistry(QObject):
         super().__init__()
         from model_core.checkpoint import list_shipped
 
-        self.entries: list[ModelEntry] = [ModelEntry(name, name, "shipped") for name in list_shipped()]
+        self.entries: list[ModelEntry] = [ModelEntry(name, name) for name in list_shipped()]
         self._session_dir: Path | None = None
 
     @property
@@ -96,7 +95,7 @@ def model_card(config: dict) -> str:
         f"modality: {config.get('modality', 'any')}",
         f"encoder: ViT, {encoder.get('depth', '?')} blocks, width {encoder.get('width', '?')}, "
         f"patch {encoder.get('patch_size', '?')}³",
-        f"training data: {'; '.join(str(d) for d in data[:3]) or 'not recorded'}"
+        f"training data: {'; '.join(_shorten(str(d)) for d in data[:3]) or 'not recorded'}"
         + (f" (+{len(data) - 3} more)" if len(data) > 3 else ""),
         f"steps: {provenance.get('steps', 'not recorded')}",
     ]
@@ -104,6 +103,10 @@ def model_card(config: dict) -> str:
     if metrics:
         lines.append("final " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float))))
     return "<br>".join(lines)
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ModelPicker(QWidget):
@@ -123,6 +126,8 @@ class ModelPicker(QWidget):
         self._current = -1
 
         self.combo = QComboBox()
+        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(16)  # long names are elided, the dock stays narrow
         self.combo.setToolTip("the model: shipped with napari-ar3d, a checkpoint folder, or fine-tuned here")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
@@ -179,7 +184,7 @@ class ModelPicker(QWidget):
 
         folder = Path(folder).expanduser().resolve()
         read_config(folder)  # a CheckpointError names the folder and the problem
-        entry = self.registry.add(ModelEntry(f"{folder.name}  ({folder.parent})", str(folder), "folder"))
+        entry = self.registry.add(ModelEntry(f"{folder.name}  ({folder.parent})", str(folder)))
         self.select(entry.source)
         return entry
 

@@ -19,8 +19,8 @@ def report_error(exc: BaseException) -> None:
     if isinstance(exc, Ar3dInputError):
         show_error(str(exc))
     elif type(exc).__name__ == "OutOfMemoryError":  # torch's, also on the CPU fallback
-        show_error(f"Out of memory ({str(exc).splitlines()[0][:120]}). Choose device 'cpu', close other programs "
-                   "that use the GPU, or crop the volume to the region you need.")
+        show_error(f"Out of memory ({str(exc).splitlines()[0][:120]}). Close other programs that use this memory "
+                   "or crop the volume to the region you need; on a GPU, choose device 'cpu'.")
     elif isinstance(exc, MemoryError):
         show_error("Not enough memory for this volume. Crop it to the region you need or use a machine with more RAM.")
     else:  # a bug: show it with its traceback
@@ -87,6 +87,7 @@ class JobPanel(QWidget):
         self.status.setText(f"{what}…")
         self.cancel_button.setEnabled(True)
         self.job = start_job(call, on_progress=self._progress, on_outcome=self._outcome)
+        self.destroyed.connect(self.job.stop.set)  # the dock went away: let the core stop too
         return self.job
 
     def cancel(self) -> None:
@@ -146,6 +147,8 @@ class LayerCombo(QComboBox):
         super().__init__(parent)
         self.viewer, self.kind = viewer, kind
         self.setToolTip(f"the {kind} layer to use")
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
         events = viewer.layers.events
         for event in (events.inserted, events.removed, events.moved, events.reordered):
             event.connect(self.refresh)

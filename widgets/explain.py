@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from model_core.errors import Ar3dInputError
-from napari_ar3d.widgets._jobs import preload, with_cpu_fallback
+from napari_ar3d.widgets._jobs import preload, run_on_device
 from napari_ar3d.widgets._layers import (
     aligned_kwargs,
     check_volume_layer,
@@ -97,7 +97,7 @@ def explain_job(
         grid = state.grid(*layer_key, volume)
         return compute(model, grid, progress, should_stop)
 
-    return with_cpu_fallback(run, device, notify)
+    return run_on_device(run, device, notify)
 
 
 class ExplainWidget(QWidget):
@@ -205,7 +205,7 @@ class ExplainWidget(QWidget):
             return
         position = tuple(event.position)
         yield
-        while event.type == "mouse_move":
+        if event.type == "mouse_move":
             return  # a drag pans the view
         self.click(position)
 
@@ -228,8 +228,8 @@ class ExplainWidget(QWidget):
         if name in self.viewer.layers:
             return self.viewer.layers[name]
         kwargs = aligned_kwargs(image)
-        layer = self.viewer.add_points(np.empty((0, 3)), name=name, size=4, face_color="cyan",
-                                       border_color="white", symbol="cross", **kwargs)
+        layer = self.viewer.add_points(np.empty((0, 3)), name=name, size=6, face_color="cyan",
+                                       border_color="white", border_width=0.2, symbol="cross", **kwargs)
         layer.events.data.connect(lambda event, img=image: self._query_moved(img, event))
         self.viewer.layers.selection.active = image  # clicks keep landing on the image
         return layer
@@ -241,7 +241,7 @@ class ExplainWidget(QWidget):
         self.attention(tuple(int(v) for v in kji[::-1]), image)
 
     def attention(self, query_ijk: tuple[int, int, int], image: Any | None = None) -> None:
-        """Compute the attention map of voxel `query_ijk` (file order i, j, k) of `image` (default: the selected one)."""
+        """The attention map of voxel `query_ijk` (file order i, j, k) of `image` (default: the selected one)."""
         from model_core.explain import attention_map
         from napari.utils.notifications import show_error
 

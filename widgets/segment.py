@@ -17,7 +17,7 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QPushButton, QVBoxLayout, QWidget
 
 from model_core.errors import Ar3dInputError
-from napari_ar3d.widgets._jobs import preload, with_cpu_fallback
+from napari_ar3d.widgets._jobs import preload, run_on_device
 from napari_ar3d.widgets._layers import (
     check_volume_layer,
     class_colors,
@@ -84,7 +84,7 @@ def segment_job(
         return segment(segmenter, volume, device=dev, sw_batch_size=1 if dev.type == "cpu" else 4,
                        probabilities=probability_of is not None, progress=progress, should_stop=should_stop)
 
-    result = with_cpu_fallback(run, device, notify)
+    result = run_on_device(run, device, notify)
     probability = None
     if probability_of is not None:
         probs = result.probabilities  # (K+1, I, J, K)
