@@ -83,6 +83,8 @@ def test_wheel_installs_in_clean_venv(tmp_path):
     ar3d = env_dir / "bin" / "ar3d"
     result = subprocess.run([str(ar3d), "--help"], capture_output=True, text=True, cwd=workdir, timeout=120)
     assert result.returncode == 0 and "pretrain" in result.stdout, result.stderr
+    result = subprocess.run([str(ar3d), "info"], capture_output=True, text=True, cwd=workdir, timeout=120)
+    assert result.returncode == 0 and "ar3d-encoder" in result.stdout, result.stdout + result.stderr
 
     code = (
         "import importlib.util, numpy as np, napari_ar3d.widgets, napari_ar3d.sample_data\n"
