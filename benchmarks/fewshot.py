@@ -39,27 +39,34 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared machine
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_core.checkpoint import read_config  # noqa: E402
-from model_core.data import cases_from_manifest  # noqa: E402
-from model_core.device import resolve_device  # noqa: E402
-from model_core.evaluate import evaluate_labels  # noqa: E402
-from model_core.finetune import (  # noqa: E402
-    FinetuneConfig,
+from model_core.checkpoint import read_config
+from model_core.data import cases_from_manifest
+from model_core.device import resolve_device
+from model_core.evaluate import evaluate_labels
+from model_core.finetune import (
     CropDataset,
+    FinetuneConfig,
     class_map,
     dice_ce_loss,
     finetune,
     prepare_scan,
 )
-from model_core.infer import Segmenter, load_segmenter, segment  # noqa: E402
-from model_core.io import Volume, read_volume  # noqa: E402
-from model_core.models import ViT3DConfig  # noqa: E402
-from model_core.preprocess import IntensityConfig, PreprocessConfig, as_label_array, guess_modality, preprocess_volume, voxel_spacing  # noqa: E402,E501
+from model_core.infer import Segmenter, load_segmenter, segment
+from model_core.io import Volume, read_volume
+from model_core.models import ViT3DConfig
+from model_core.preprocess import (
+    IntensityConfig,
+    PreprocessConfig,
+    as_label_array,
+    guess_modality,
+    preprocess_volume,
+    voxel_spacing,
+)
 
 
 @dataclass

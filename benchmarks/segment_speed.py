@@ -76,7 +76,11 @@ def worker_unetr(args) -> dict:
 
     from model_core.device import resolve_device
     from model_core.io import read_volume, write_volume
-    from model_core.preprocess import IntensityConfig, guess_modality, normalize_intensity
+    from model_core.preprocess import (
+        IntensityConfig,
+        guess_modality,
+        normalize_intensity,
+    )
 
     _warm_up(args.device)
     device = resolve_device(args.device)
@@ -169,7 +173,7 @@ def measure(kind: str, args, model: Path, image: Path, out: Path) -> dict:
            "--sw-batch-size", str(args.sw_batch_size), "--classes", str(args.classes)]
     t0 = time.perf_counter()
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} on {image.name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -12,8 +12,8 @@ not count in means); absent from one -> Dice 0 and HD95 infinite.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import scipy.ndimage as ndi

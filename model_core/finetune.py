@@ -33,9 +33,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -67,9 +67,20 @@ from .device import resolve_device
 from .errors import Ar3dInputError
 from .io import Volume, read_volume
 from .models import ViT3D, ViT3DConfig
-from .preprocess import IntensityConfig, PreprocessConfig, as_label_array, guess_modality, preprocess_volume
+from .preprocess import (
+    IntensityConfig,
+    PreprocessConfig,
+    as_label_array,
+    guess_modality,
+    preprocess_volume,
+)
 from .progress import Progress, ProgressFn, StopFn, check_stop, report
-from .segmentation import SegmentationModel, build_decoder, light_features, segmentation_logits
+from .segmentation import (
+    SegmentationModel,
+    build_decoder,
+    light_features,
+    segmentation_logits,
+)
 from .train import TrainConfig, default_param_groups, train
 
 IGNORE = 255  # target value of unannotated voxels (sparse annotation, padding)
@@ -78,7 +89,7 @@ ANNOTATIONS = ("full", "sparse")
 SCRATCH = "scratch"
 DEFAULT_SPACING = (1.5, 1.5, 1.5)
 
-ImageLike = Union[str, os.PathLike, Volume]
+ImageLike = str | os.PathLike | Volume
 TrainPair = tuple[ImageLike, ImageLike]  # (image, segmentation on the image's grid)
 
 
@@ -86,9 +97,9 @@ TrainPair = tuple[ImageLike, ImageLike]  # (image, segmentation on the image's g
 class FinetuneConfig:
     mode: str = "head"  # "head" (frozen encoder, light decoder on cached features) or "full" (UNETR, all weights)
     annotation: str = "full"  # "full" (0 = background) or "sparse" (0 = unannotated)
-    labels: Union[str, Sequence[int]] = "all"  # label values kept as classes, or "all"
+    labels: str | Sequence[int] = "all"  # label values kept as classes, or "all"
     merge: dict[str, Sequence[int]] = field(default_factory=dict)  # class name -> label values joined into it
-    background_label: Union[str, int, None] = None  # sparse: the label (value or name) that is background
+    background_label: str | int | None = None  # sparse: the label (value or name) that is background
     steps: int | None = None  # optimizer steps; default 400 (head) or 300 (full)
     batch_size: int = 2
     lr: float | None = None  # peak learning rate; default 1e-3 (head) or 1e-4 (full, top layer)
@@ -101,7 +112,7 @@ class FinetuneConfig:
     flip_prob: float = 0.0  # probability of a flip along each axis (off: mirroring swaps left and right anatomy)
     intensity_jitter: float = 0.02  # scale by 1 +- this and shift by +- this (intensities in [0, 1]; 0.02 = 40 HU in CT)
     spacing: tuple[float, float, float] | None = None  # model voxel spacing; default the encoder's (else 1.5 mm)
-    scratch_config: Union[str, ViT3DConfig] = "tiny"  # encoder size when starting from scratch
+    scratch_config: str | ViT3DConfig = "tiny"  # encoder size when starting from scratch
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -271,7 +282,7 @@ def check_pair(image: Volume, seg: Volume, image_name: str, seg_name: str) -> np
     return labels
 
 
-def _pad_to(array: np.ndarray, size: Sequence[int], value: int | float) -> np.ndarray:
+def _pad_to(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
     """Pad (C, X, Y, Z) symmetrically to at least `size` spatially."""
     pads = [(0, 0)] + [((max(0, s - n) + 1) // 2, max(0, s - n) // 2) for n, s in zip(array.shape[1:], size)]
     return np.pad(array, pads, constant_values=value) if any(sum(p) for p in pads) else array

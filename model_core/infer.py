@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from monai.inferers import sliding_window_inference
+from torch import Tensor
 
 from .checkpoint import Checkpoint, load_checkpoint, load_into, resolve_model
 from .device import autocast_dtype, resolve_device

@@ -28,7 +28,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.blocks import (
+    UnetOutBlock,
+    UnetrBasicBlock,
+    UnetrPrUpBlock,
+    UnetrUpBlock,
+)
 from torch import Tensor, nn
 
 from .errors import Ar3dInputError, CheckpointError
@@ -59,7 +64,7 @@ def token_grid(tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
 
 
 def _levels(patch_size: int) -> int:
-    levels = int(round(math.log2(patch_size)))
+    levels = round(math.log2(patch_size))
     if patch_size < 2 or 2**levels != patch_size:
         raise Ar3dInputError(f"the UNETR decoder needs a power-of-two patch size, got {patch_size}")
     return levels
@@ -83,7 +88,7 @@ class UNETRDecoder(nn.Module):
             )
         self.config = {"kind": "unetr", "num_classes": num_classes, "feature_size": feature_size, "norm_name": norm_name}
         c, fs = cfg.width, feature_size
-        conv = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name, res_block=True)
+        conv = {"spatial_dims": 3, "kernel_size": 3, "norm_name": norm_name, "res_block": True}
         self.image = UnetrBasicBlock(in_channels=cfg.in_channels, out_channels=fs, stride=1, **conv)
         # skips[k-1]: block self.blocks[k-1] projected up 2^(levels-k) times: 1/2^k resolution, fs*2^k channels
         self.skips = nn.ModuleList(
@@ -164,7 +169,7 @@ class LightDecoder(nn.Module):
         up = F.grid_sample(coarse, grid[:, :, None, None], mode="bilinear", padding_mode="border", align_corners=False)
         # 3x3x3 neighbourhood of every point (zero outside the window, as the convolution's padding)
         padded = F.pad(image, (1, 1, 1, 1, 1, 1)).flatten(2)  # (B, C, (X+2)(Y+2)(Z+2))
-        X, Y, Z = (int(s) + 2 for s in image.shape[2:])
+        _X, Y, Z = (int(s) + 2 for s in image.shape[2:])
         d = torch.arange(-1, 2, device=image.device)
         offsets = (d[:, None, None] * Y * Z + d[None, :, None] * Z + d[None, None, :]).reshape(-1)  # (27,)
         centre = ((ijk + 1) * torch.tensor([Y * Z, Z, 1], device=image.device)).sum(-1)  # (B, N) in the padded grid

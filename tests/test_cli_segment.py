@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
 from model_core.checkpoint import read_config
 from model_core.cli import main
 from model_core.io import read_volume, write_volume
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
 TINY = ["--config", "tiny", "--set", "patch_size=8", "--set", "width=48", "--set", "depth=4", "--set", "heads=2"]
 QUICK = ["--steps", "3", "--crops", "2", "--roi", "32", "--spacing", "8", "--device", "cpu"]

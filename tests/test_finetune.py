@@ -8,8 +8,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
-from model_core.checkpoint import TRAIN_STATE_DIR, make_config, read_config, save_checkpoint
+from model_core.checkpoint import (
+    TRAIN_STATE_DIR,
+    make_config,
+    read_config,
+    save_checkpoint,
+)
 from model_core.errors import Ar3dInputError
 from model_core.finetune import (
     IGNORE,
@@ -25,7 +31,6 @@ from model_core.io import Volume
 from model_core.models import ViT3D, ViT3DConfig
 from model_core.progress import Cancelled
 from model_core.segmentation import SegmentationModel, build_decoder
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
 TINY = ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)
 NAMES = {1: "liver", 2: "spleen", 3: "kidney", 9: "background"}
@@ -37,8 +42,8 @@ def small_phantom(seed: int) -> tuple[Volume, Volume]:
 
 
 def quick(**kw) -> FinetuneConfig:
-    base = dict(steps=4, crops_per_scan=2, points=512, roi=32, spacing=(8.0, 8.0, 8.0), scratch_config=TINY,
-                device="cpu")
+    base = {"steps": 4, "crops_per_scan": 2, "points": 512, "roi": 32, "spacing": (8.0, 8.0, 8.0), "scratch_config": TINY,
+                "device": "cpu"}
     return FinetuneConfig(**{**base, **kw})
 
 

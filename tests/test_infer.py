@@ -5,18 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 
 from model_core.checkpoint import load_checkpoint, make_config, save_checkpoint
 from model_core.errors import CheckpointError
-from model_core.infer import count_windows, load_segmenter, segment, segmenter_from_checkpoint
+from model_core.infer import (
+    count_windows,
+    load_segmenter,
+    segment,
+    segmenter_from_checkpoint,
+)
 from model_core.io import Volume
 from model_core.models import ViT3D, ViT3DConfig
 from model_core.preprocess import IntensityConfig, PreprocessConfig
 from model_core.progress import Cancelled
 from model_core.segmentation import SegmentationModel, build_decoder
-from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 
-TINY = dict(patch_size=8, width=48, depth=4, heads=2)
+TINY = {"patch_size": 8, "width": 48, "depth": 4, "heads": 2}
 
 
 def save_segmenter(folder, *, classes=("bright",), modality="CT", spacing=4.0, threshold=None, roi=32):
@@ -117,7 +122,7 @@ def test_progress_counts_every_batch_of_windows_and_cancel_stops(threshold_model
     volume = Volume(phantom.images["ct"], phantom.affine, "ct.nii.gz")
     reports = []
     segment(threshold_model, volume, device="cpu", sw_batch_size=1, progress=reports.append)
-    shape = tuple(int(round(s * n / 4.0)) for s, n in zip(phantom.spacing, phantom.shape))
+    shape = tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape))
     windows = count_windows(shape, threshold_model.roi, 0.25)
     assert windows > 1
     assert [r.step for r in reports] == list(range(1, windows + 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.losses import MaskedDiceLoss
 
 from model_core.errors import Ar3dInputError, CheckpointError
 from model_core.finetune import IGNORE, SegmentationObjective, dice_ce_loss
@@ -18,9 +19,8 @@ from model_core.segmentation import (
     light_features,
     model_from_config,
 )
-from monai.losses import MaskedDiceLoss
 
-TINY = dict(patch_size=8, width=48, depth=4, heads=2)
+TINY = {"patch_size": 8, "width": 48, "depth": 4, "heads": 2}
 
 
 def tiny_model(kind: str, num_classes: int = 3, **overrides) -> SegmentationModel:
