@@ -149,7 +149,7 @@ def cases_from_folder(path: str | os.PathLike) -> list[Case]:
             images.append(folder)
         segs = [folder / f for f in sorted(files) if f.lower().endswith(_IMAGE_SUFFIXES) and _is_seg_name(f)]
         pair = len(images) == 1 and len(segs) == 1
-        labels = _read_labels_json(folder / "labels.json") if pair else {}
+        labels = read_labels_json(folder / "labels.json") if pair else {}
         for image in images:
             rel = image.relative_to(root).as_posix()
             case_id = _strip_suffix(rel) if rel != "." else root.name
@@ -271,7 +271,8 @@ def _is_dicom_series(folder: Path, files: list[str], max_files: int = 20) -> boo
     return False
 
 
-def _read_labels_json(path: Path) -> dict[int, str]:
+def read_labels_json(path: Path) -> dict[int, str]:
+    """Label names from a labels.json ({"1": "liver", ...}); {} when the file is absent."""
     if not path.is_file():
         return {}
     try:

@@ -28,7 +28,6 @@ annotated voxels); "dice" reported during training is the hard Dice of the batch
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -63,6 +62,7 @@ from .checkpoint import (
     resolve_model,
     save_checkpoint,
 )
+from .data import read_labels_json
 from .device import resolve_device
 from .errors import Ar3dInputError
 from .io import Volume, read_volume
@@ -690,10 +690,4 @@ def finetune(
 
 def class_names_beside(seg_path: str | os.PathLike) -> dict[int, str]:
     """Label names from a labels.json ({"1": "liver", ...}) in the segmentation's folder, or {}."""
-    path = Path(seg_path).parent / "labels.json"
-    if not path.is_file():
-        return {}
-    try:
-        return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise Ar3dInputError(f"labels file must map label values to names ({exc})", path) from None
+    return read_labels_json(Path(seg_path).parent / "labels.json")
