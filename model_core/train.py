@@ -55,7 +55,7 @@ from .checkpoint import (
 )
 from .device import autocast_dtype, resolve_device
 from .errors import Ar3dInputError, CheckpointError
-from .progress import ProgressFn, StopFn, report
+from .progress import Cancelled, ProgressFn, StopFn, report
 
 LOSS_LOG = "loss_log.csv"
 LOSS_LOG_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "time_s")
@@ -381,47 +381,74 @@ def _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume
     tick, tick_tokens = time.perf_counter(), 0
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-    for batch in loader:
-        if should_stop is not None and _any_rank(should_stop(), d, device):
-            cancelled = True
-            break
-        batch = _to_device(batch, device)
-        volumes = _volumes(batch)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-            result = net(batch) if isinstance(batch, torch.Tensor) else net(**_tensors(batch))
-        loss = result["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        step += 1
+    stop_hooks = _stop_inside_steps(model, should_stop) if d.world == 1 else []
+    try:
+        for batch in loader:
+            if should_stop is not None and _any_rank(should_stop(), d, device):
+                cancelled = True
+                break
+            batch = _to_device(batch, device)
+            volumes = _volumes(batch)
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+                    result = net(batch) if isinstance(batch, torch.Tensor) else net(**_tensors(batch))
+                loss = result["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except Cancelled:  # mid-step: the weights are still those of the last complete step
+                optimizer.zero_grad(set_to_none=True)
+                cancelled = True
+                break
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
 
-        last_loss = loss.item()
-        if not math.isfinite(last_loss):
-            raise Ar3dInputError(f"training diverged: the loss is {last_loss} at step {step}; lower the learning rate")
-        history.append((step, last_loss))
-        tick_tokens += _tokens(model, volumes) * d.world
-        now = time.perf_counter()
-        tokens_per_s = tick_tokens / max(now - tick, 1e-9)
-        wall = wall_before + now - t0
-        if d.main:
-            report(progress, step, cfg.steps, "training", loss=last_loss, lr=lr, tokens_per_s=tokens_per_s)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise Ar3dInputError(f"training diverged: the loss is {last_loss} at step {step}; lower the learning rate")
+            history.append((step, last_loss))
+            tick_tokens += _tokens(model, volumes) * d.world
+            now = time.perf_counter()
+            tokens_per_s = tick_tokens / max(now - tick, 1e-9)
+            wall = wall_before + now - t0
             if d.main:
-                row = (step, f"{last_loss:.6g}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{wall:.2f}")
-                _append_log(out / LOSS_LOG, [row])
-            tick, tick_tokens = now, 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint = save(step, last_loss, wall)
-            saved_at, saved_any = step, True
-
+                report(progress, step, cfg.steps, "training", loss=last_loss, lr=lr, tokens_per_s=tokens_per_s)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if d.main:
+                    row = (step, f"{last_loss:.6g}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{wall:.2f}")
+                    _append_log(out / LOSS_LOG, [row])
+                tick, tick_tokens = now, 0
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint = save(step, last_loss, wall)
+                saved_at, saved_any = step, True
+    finally:
+        for hook in stop_hooks:
+            hook.remove()
     wall = wall_before + time.perf_counter() - t0
     if step != saved_at or not saved_any:
         checkpoint = save(step, last_loss, wall)
     return TrainResult(step, last_loss, checkpoint, cancelled, wall, history)
+
+
+def _stop_inside_steps(model: nn.Module, should_stop: StopFn) -> list:
+    """Hooks that raise `Cancelled` inside a step's forward and backward once `should_stop()` is True.
+
+    A full fine-tuning step takes seconds on a CPU; checking only between steps would keep Cancel
+    waiting that long. Single-process only: one rank leaving a step would hang the others.
+    """
+    if should_stop is None:
+        return []
+
+    def check(*_args: object) -> None:
+        if should_stop():
+            raise Cancelled()
+
+    hooks = [m.register_forward_pre_hook(check) for m in model.modules()]
+    hooks += [p.register_hook(check) for p in model.parameters() if p.requires_grad]
+    return hooks
 
 
 def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:
