@@ -93,7 +93,13 @@ def test_cancel_stops_within_two_seconds_and_keeps_the_model_in_use(widgets, qtb
     assert segment.picker.source == str(tiny_segmenter().resolve()) and segment.segmenter is in_use
     after = in_use.model.state_dict()
     assert all(np.array_equal(after[k].numpy(), v.numpy()) for k, v in before.items())
-    assert list(session.iterdir()) == []  # the partial model was removed
+    assert list(session.iterdir()) == []  # the partial model and its hidden work folder were removed
+
+    if mode == "head":  # the state is consistent: training again works
+        finetune.steps_spin.setValue(2)
+        finetune.train()
+        wait_idle(qtbot, finetune.panel)
+        assert finetune.last_model is not None and finetune.last_model.parent == session
 
 
 def test_sparse_scribbles_with_a_background_label_train(widgets, qtbot):
