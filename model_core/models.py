@@ -272,7 +272,7 @@ class ViT3D(nn.Module):
         p, c = cfg.patch_size, cfg.width
         self.patch_embed = nn.Conv3d(cfg.in_channels, c, kernel_size=p, stride=p)
         self.start_token = nn.Parameter(torch.zeros(1, 1, c))
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # stochastic depth, 0 to max
         self.blocks = nn.ModuleList(Block(c, cfg.heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(c, eps=1e-6)
 

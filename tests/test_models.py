@@ -254,3 +254,12 @@ def test_bad_arguments(encoder):
         unpatchify(torch.zeros(1, 7, 64), 4, (2, 2, 2))
     with pytest.raises(Ar3dInputError, match=r"\(9, 4, 4\)"):
         encoder.grid((9, 4, 4))
+
+
+def test_builds_on_the_meta_device_for_sizing_without_memory():
+    cfg = ViT3DConfig.preset("tiny")
+    with torch.device("meta"):
+        meta = ViT3D(cfg)
+    real = ViT3D(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    assert [(n, p.shape) for n, p in meta.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
