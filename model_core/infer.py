@@ -6,7 +6,8 @@
 2. MONAI `sliding_window_inference` over the model grid: windows of the model's ROI, `overlap`,
    Gaussian blending of the softmax probabilities, `sw_batch_size` windows per forward pass. The
    windows run on `device` (the GPU when there is one), the stitched volume stays on the CPU. A
-   volume smaller than a window is padded (and cropped back);
+   volume smaller than a window is padded (and cropped back). Out of memory, the windows run
+   again with half as many per batch, down to one, then on the CPU, each time with a warning;
 3. the probabilities go back onto the input's voxel grid (trilinear, in slabs to bound memory)
    and the label map is their argmax there: value k is the model's k-th class
    (`segmenter.classes[k-1]`), 0 background. The uncertainty is the entropy of the probabilities
@@ -32,10 +33,10 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
-from .checkpoint import Checkpoint, load_checkpoint, load_into, resolve_model
+from .checkpoint import Checkpoint, check_model_size, load_checkpoint, load_into, resolve_model
 from .device import autocast_dtype, resolve_device
 from .errors import Ar3dInputError, CheckpointError
-from .io import Volume, read_volume
+from .io import Volume, check_image, read_volume
 from .preprocess import PreprocessConfig, guess_modality, preprocess_volume
 from .progress import ProgressFn, StopFn, check_stop, report
 from .segmentation import SegmentationModel, model_from_config
@@ -74,6 +75,7 @@ def segmenter_from_checkpoint(checkpoint: Checkpoint) -> Segmenter:
         raise CheckpointError(
             "has no segmentation decoder (it is an encoder); fine-tune it first with `ar3d finetune`", checkpoint.path
         )
+    check_model_size(checkpoint)
     model = model_from_config(config["encoder"], head["decoder"])
     load_into(model, checkpoint)
     classes = list(config.get("classes", []))
@@ -135,7 +137,9 @@ def segment(
     modality: a hint ("CT", "MRI") for the intensity normalisation of models that guess it.
     progress: `Progress(step, total, "segmenting")` per batch of windows; should_stop: polled per
         batch, raises `model_core.progress.Cancelled`.
-    A model trained on another modality than the volume's gets a warning, not an error.
+    A model trained on another modality than the volume's gets a warning, not an error; so does
+    each retry after the device ran out of memory ("CUDA out of memory with 4 windows per batch;
+    retrying with 2", ..., "falling back to CPU"), which is also reported through `progress`.
     """
     if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise Ar3dInputError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}")
@@ -143,6 +147,7 @@ def segment(
         raise Ar3dInputError(f"overlap must be in [0, 1), got {overlap!r}")
     volume = _as_volume(volume)
     source = volume.path or "the volume"
+    check_image(volume.array, source)
     hint = modality or volume.meta.get("modality")
     if volume.array.ndim == 3 and segmenter.modality in ("CT", "MRI"):
         kind = {"ct": "CT", "mri": "MRI"}[guess_modality(volume.array, hint)]
@@ -157,7 +162,8 @@ def segment(
     timings["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    probs = _sliding_window(segmenter, pre.array, device, sw_batch_size, overlap, progress, should_stop)
+    probs = _windows_within_memory(segmenter, pre.array, device, sw_batch_size, overlap, progress, should_stop,
+                                   f"{volume.path}: " if volume.path else "")
     pre.array = None  # the image is no longer needed: free it before resampling back
     timings["windows"] = time.perf_counter() - t
 
@@ -166,6 +172,53 @@ def segment(
     timings["resample"] = time.perf_counter() - t
     return SegmentationResult(labels, uncertainty, np.asarray(volume.affine, dtype=np.float64).copy(),
                               list(segmenter.classes), full, timings)
+
+
+def _windows_within_memory(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    device: torch.device,
+    sw_batch_size: int,
+    overlap: float,
+    progress: ProgressFn,
+    should_stop: StopFn,
+    prefix: str = "",
+) -> np.ndarray:
+    """`_sliding_window`, run again after an out-of-memory error with half the windows per batch, down to
+    one, then on the CPU; each retry is a warning and a `Progress` report whose message says so.
+
+    Out of memory on the CPU with one window per batch raises `Ar3dInputError`. Tests inject an
+    allocation failure by replacing `_sliding_window` (or the model's forward) with one that raises
+    `torch.OutOfMemoryError`.
+    """
+    batch = sw_batch_size
+    while True:
+        try:
+            return _sliding_window(segmenter, image, device, batch, overlap, progress, should_stop)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _out_of_memory(exc):
+                raise
+        # Retried outside the handler: its traceback holds the failed attempt's tensors.
+        segmenter.model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        what = f"{prefix}{device.type.upper()} out of memory with {batch} window{'s' if batch > 1 else ''} per batch"
+        if batch > 1:
+            batch //= 2
+            message = f"{what}; retrying with {batch}"
+        elif device.type != "cpu":
+            device = torch.device("cpu")
+            message = f"{what}; falling back to CPU (slower)"
+        else:
+            raise Ar3dInputError(f"{what}; close other programs or segment a cropped volume")
+        warnings.warn(message, stacklevel=3)
+        report(progress, 0, math.ceil(count_windows(image.shape, segmenter.roi, overlap) / batch), message)
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch's out-of-memory error, or an allocator's (MPS, CPU) RuntimeError that says so."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _sliding_window(

@@ -30,7 +30,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -50,11 +50,13 @@ from .checkpoint import (
     load_checkpoint,
     load_into,
     load_train_state,
+    read_config,
     restore_rng,
     save_checkpoint,
 )
 from .device import autocast_dtype, resolve_device
 from .errors import Ar3dInputError, CheckpointError
+from .io import describe_write_error
 from .progress import Cancelled, ProgressFn, StopFn, report
 
 LOSS_LOG = "loss_log.csv"
@@ -102,7 +104,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     step: int  # steps done (including those before a resume)
-    loss: float  # loss of the last step (nan if no step ran)
+    loss: float  # loss of the last step (a resume with no step left: the checkpoint's; else nan if none ran)
     checkpoint: Path | None  # the checkpoint folder (None on ranks other than 0)
     cancelled: bool  # True when should_stop() ended the run early
     wall_time_s: float  # training time, summed over resumes
@@ -247,24 +249,35 @@ def _gather_rng(d: _Dist, device: torch.device) -> list[dict]:
 
 
 def _append_log(path: Path, rows: list[tuple]) -> None:
+    """Append rows to the loss log; a failed write (a full disk) leaves the file as it was and says why."""
     new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(LOSS_LOG_COLUMNS)
-        writer.writerows(rows)
+    size = 0 if new else path.stat().st_size
+    try:
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(LOSS_LOG_COLUMNS)
+            writer.writerows(rows)
+    except OSError as exc:
+        with suppress(OSError):
+            path.unlink() if new else os.truncate(path, size)
+        raise Ar3dInputError(f"could not write the loss log ({describe_write_error(exc, path.parent)})", path) from exc
 
 
 def _truncate_log(path: Path, after_step: int) -> None:
-    """Drop log rows past `after_step` (written by a run killed after its last checkpoint)."""
+    """Drop log rows past `after_step` (written by a run killed after its last checkpoint), and a row a kill cut short."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= after_step]
-    if len(kept) != len(rows):
-        with open(path, "w", newline="") as f:
+    kept = [list(LOSS_LOG_COLUMNS)] + [
+        r for r in rows if len(r) == len(LOSS_LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= after_step
+    ]
+    if kept != rows:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
+        os.replace(tmp, path)  # a kill now leaves the old log or the new one
 
 
 def train(
@@ -316,7 +329,7 @@ def _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume
         optimizer, partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
     )
 
-    start, wall_before = 0, 0.0
+    start, wall_before, resumed_loss = 0, 0.0, math.nan
     state = load_train_state(out) if resume and has_checkpoint(out) else None
     if resume and has_checkpoint(out) and state is None:
         raise CheckpointError("has no train_state/ to resume from (it is a final or exported checkpoint)", out)
@@ -330,6 +343,7 @@ def _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume
             )
         restore_rng(state.rng[d.rank])
         start, wall_before = state.step, float(state.extra.get("wall_time_s", 0.0))
+        resumed_loss = float(read_config(out)["provenance"].get("metrics", {}).get("loss", math.nan))
     else:
         torch.manual_seed(cfg.seed + d.rank)
         np.random.seed(cfg.seed + d.rank)
@@ -375,7 +389,7 @@ def _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume
 
     model.train()
     t0 = time.perf_counter()
-    step, last_loss, cancelled, saved_at, saved_any = start, float("nan"), False, start, state is not None
+    step, last_loss, cancelled, saved_at, saved_any = start, resumed_loss, False, start, state is not None
     history: list[tuple[int, float]] = []
     checkpoint = out if d.main and saved_any else None
     tick, tick_tokens = time.perf_counter(), 0

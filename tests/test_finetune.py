@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
 from model_core.checkpoint import (
     TRAIN_STATE_DIR,
+    load_checkpoint,
     make_config,
     read_config,
     save_checkpoint,
@@ -25,6 +28,7 @@ from model_core.finetune import (
     class_map,
     finetune,
     layer_decay_groups,
+    work_folder,
 )
 from model_core.infer import load_segmenter, segment
 from model_core.io import Volume
@@ -241,6 +245,73 @@ def test_an_output_folder_with_a_checkpoint_is_refused(tmp_path):
     finetune("scratch", [small_phantom(0)], tmp_path / "m", quick(labels=[1]))
     with pytest.raises(Ar3dInputError, match="already holds a checkpoint"):
         finetune("scratch", [small_phantom(0)], tmp_path / "m", quick(labels=[1]))
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+
+def _kill_after(step: int):
+    """A progress callback that dies like a kill after training step `step` (KeyboardInterrupt keeps the work folder)."""
+
+    def progress(p) -> None:
+        if p.message == "training" and p.step == step:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_resume_after_a_kill_equals_one_run(tmp_path, mode):
+    pairs = [small_phantom(0)]
+    cfg = quick(mode=mode, labels=[1], steps=6, ckpt_every=2)
+    finetune("scratch", pairs, tmp_path / "straight", cfg)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune("scratch", pairs, tmp_path / "b", cfg, progress=_kill_after(5))
+    work = work_folder(tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    assert read_config(work)["provenance"]["steps"] == 4  # the last complete checkpoint
+    with pytest.raises(Ar3dInputError, match="interrupted at step 4; continue it with --resume"):
+        finetune("scratch", pairs, tmp_path / "b", cfg)
+
+    steps = []
+    resumed = replace(cfg, ckpt_every=3)  # checkpoint spacing (and device) may change on resume
+    result = finetune("scratch", pairs, tmp_path / "b", resumed, resume=True,
+                      progress=lambda p: steps.append(p.step) if p.message == "training" else None)
+    assert steps == [5, 6] and result.steps == 6 and not result.cancelled
+    assert not work.exists() and TRAIN_STATE_DIR not in {p.name for p in (tmp_path / "b").iterdir()}
+    want, got = load_checkpoint(tmp_path / "straight").state_dict, load_checkpoint(tmp_path / "b").state_dict
+    assert want.keys() == got.keys()
+    worst = max((want[k].float() - got[k].float()).abs().max().item() for k in want)
+    assert worst < 1e-6, worst
+
+
+def test_resume_with_other_settings_or_data_is_refused(tmp_path):
+    image, seg = small_phantom(0)
+    cfg = quick(labels=[1], steps=4, ckpt_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune("scratch", [(image, seg)], tmp_path / "m", cfg, progress=_kill_after(3))
+    with pytest.raises(Ar3dInputError, match="the steps, lr of this run differ from the interrupted run's"):
+        finetune("scratch", [(image, seg)], tmp_path / "m", replace(cfg, steps=8, lr=1e-2), resume=True)
+    changed = Volume(image.array + np.float32(1.0), image.affine, image.path)  # same name, other voxels
+    with pytest.raises(Ar3dInputError, match="the training data contents of this run differ"):
+        finetune("scratch", [(changed, seg)], tmp_path / "m", cfg, resume=True)
+    assert read_config(work_folder(tmp_path / "m"))["provenance"]["steps"] == 2  # refusals keep the run
+    assert finetune("scratch", [(image, seg)], tmp_path / "m", cfg, resume=True).steps == 4
+
+
+def test_resume_without_an_interrupted_run_starts_afresh(tmp_path):
+    result = finetune("scratch", [small_phantom(0)], tmp_path / "m", quick(labels=[1], steps=2), resume=True)
+    assert result.steps == 2 and load_checkpoint(tmp_path / "m").config["classes"] == ["label_1"]
+
+
+def test_resume_after_a_kill_between_the_final_save_and_the_rename(tmp_path):
+    first = finetune("scratch", [small_phantom(0)], tmp_path / "done", quick(labels=[1], steps=2))
+    work = work_folder(tmp_path / "m")
+    os.rename(first.checkpoint, work)  # what such a kill leaves: the complete model, still in the work folder
+    result = finetune("scratch", [small_phantom(0)], tmp_path / "m", quick(labels=[1], steps=2), resume=True)
+    assert result.checkpoint == tmp_path / "m" and result.steps == 2 and result.loss == pytest.approx(first.loss)
+    assert not work.exists() and load_checkpoint(tmp_path / "m").config["provenance"]["steps"] == 2
 
 
 def _liver_dice(segmenter, seed: int) -> float:

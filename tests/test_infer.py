@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 
 from model_core.checkpoint import load_checkpoint, make_config, save_checkpoint
-from model_core.errors import CheckpointError
+from model_core.errors import Ar3dInputError, CheckpointError
 from model_core.infer import (
     count_windows,
     load_segmenter,
@@ -157,3 +159,88 @@ def test_count_windows_matches_monai():
     assert count_windows((32, 32, 32), (32, 32, 32), 0.25) == 1
     assert count_windows((10, 40, 57), (32, 32, 32), 0.25) == 1 * 2 * 3
     assert count_windows((160, 160, 103), (96, 96, 96), 0.25) == 8
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+class FailingWhenBatched(torch.nn.Module):
+    """Wraps a model; a forward pass of more than `max_windows` windows raises torch's out-of-memory error
+    (from the second pass on, so the retry starts after windows were already stitched)."""
+
+    def __init__(self, model: torch.nn.Module, max_windows: int):
+        super().__init__()
+        self.model, self.max_windows, self.calls = model, max_windows, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        if len(self.calls) > 1 and x.shape[0] > self.max_windows:
+            raise torch.OutOfMemoryError("CPU out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_mid_volume_retries_with_half_the_windows_per_batch(threshold_model, phantom):
+    volume = Volume(phantom.images["ct"], phantom.affine, "ct.nii.gz")
+    want = segment(threshold_model, volume, device="cpu", sw_batch_size=1, probabilities=True)
+    flaky = FailingWhenBatched(threshold_model.model, max_windows=1)
+    reports = []
+    with pytest.warns(UserWarning) as caught:
+        got = segment(replace(threshold_model, model=flaky), volume, device="cpu", sw_batch_size=4,
+                      probabilities=True, progress=reports.append)
+    messages = [str(w.message) for w in caught]
+    assert messages == ["ct.nii.gz: CPU out of memory with 4 windows per batch; retrying with 2",
+                        "ct.nii.gz: CPU out of memory with 2 windows per batch; retrying with 1"]
+    assert [r.message for r in reports if r.step == 0] == messages  # the progress callback says so too
+    assert flaky.calls[:3] == [4, 4, 2] and set(flaky.calls[3:]) == {1}
+    assert reports[-1].step == reports[-1].total == count_windows(
+        tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape)), threshold_model.roi, 0.25)
+    assert np.array_equal(got.labels, want.labels)
+    assert np.allclose(got.probabilities, want.probabilities, atol=1e-5)
+
+
+def test_out_of_memory_on_a_gpu_falls_back_to_the_cpu(threshold_model, phantom, monkeypatch):
+    import model_core.infer as infer
+
+    real = infer._sliding_window
+    attempts = []
+
+    def gpu_without_memory(segmenter, image, device, sw_batch_size, *args):
+        attempts.append((device.type, sw_batch_size))
+        if device.type != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(segmenter, image, device, sw_batch_size, *args)
+
+    monkeypatch.setattr(infer, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(infer, "_sliding_window", gpu_without_memory)
+    volume = Volume(phantom.images["ct"], phantom.affine, "ct.nii.gz")
+    with pytest.warns(UserWarning) as caught:
+        got = segment(threshold_model, volume, device="cuda", sw_batch_size=4)
+    assert attempts == [("cuda", 4), ("cuda", 2), ("cuda", 1), ("cpu", 1)]
+    assert [str(w.message) for w in caught] == [
+        "ct.nii.gz: CUDA out of memory with 4 windows per batch; retrying with 2",
+        "ct.nii.gz: CUDA out of memory with 2 windows per batch; retrying with 1",
+        "ct.nii.gz: CUDA out of memory with 1 window per batch; falling back to CPU (slower)",
+    ]
+    monkeypatch.undo()
+    assert np.array_equal(got.labels, segment(threshold_model, volume, device="cpu", sw_batch_size=1).labels)
+
+
+def test_out_of_memory_with_one_window_on_the_cpu_is_a_clear_error(threshold_model, phantom):
+    volume = Volume(phantom.images["ct"], phantom.affine, "ct.nii.gz")
+    broken = FailingWhenBatched(threshold_model.model, max_windows=0)
+    broken.calls.append(0)  # fail from the first pass
+    with pytest.warns(UserWarning, match="retrying with 1"), pytest.raises(
+        Ar3dInputError, match="ct.nii.gz: CPU out of memory with 1 window per batch; close other programs"
+    ):
+        segment(replace(threshold_model, model=broken), volume, device="cpu", sw_batch_size=2)
+
+
+def test_other_runtime_errors_are_not_retried(threshold_model, phantom):
+    volume = Volume(phantom.images["ct"], phantom.affine, "ct.nii.gz")
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        segment(replace(threshold_model, model=Broken()), volume, device="cpu", sw_batch_size=4)

@@ -13,7 +13,7 @@ from model_core.checkpoint import load_checkpoint, make_config
 from model_core.errors import Ar3dInputError, CheckpointError
 from model_core.models import ViT3D, ViT3DConfig
 from model_core.objectives import build_objective
-from model_core.train import LOSS_LOG, StepBatchSampler, TrainConfig, lr_factor, train
+from model_core.train import LOSS_LOG, LOSS_LOG_COLUMNS, StepBatchSampler, TrainConfig, _truncate_log, lr_factor, train
 
 ENCODER = dict(patch_size=8, width=24, depth=2, heads=2)
 SHAPE = (4, 16, 16, 8)  # S sub-volumes of (X, Y, Z): 2*2*1 patches each, 16 tokens
@@ -196,3 +196,14 @@ def test_step_sampler_shards_ranks_and_starts_at_the_resume_step():
     assert sorted(flat) == list(range(24))
     assert list(StepBatchSampler(None, 3, 2, 4, rank=1, world=2)) == ranks[1][2:]
     assert list(StepBatchSampler(5, 2, 0, 3)) == [[0, 1], [2, 3], [4, 0]]
+
+
+@pytest.mark.parametrize("content", ["", "step,loss,lr,tokens_per_s,time_s\n1,0.5,1e-4,10,1\n2,0.4,1e-4,10,2\n3,0.3,1e-4,1"])
+def test_resume_repairs_a_loss_log_that_a_kill_cut_short(tmp_path, content):
+    log = tmp_path / LOSS_LOG
+    log.write_text(content)  # killed before the header was written, or in the middle of a row
+    _truncate_log(log, after_step=2)
+    rows = log.read_text().splitlines()
+    assert rows[0] == ",".join(LOSS_LOG_COLUMNS)
+    assert [r.split(",")[0] for r in rows[1:]] == (["1", "2"] if content else [])
+    assert [p.name for p in tmp_path.iterdir()] == [LOSS_LOG]  # no temporary file left
