@@ -143,7 +143,8 @@ def test_the_model_picker_shows_the_shipped_encoder_and_its_card(make_napari_vie
     picker = ModelPicker(viewer, "explain")
     shipped = list_shipped()
     assert [picker.combo.itemText(i) for i in range(picker.combo.count())] == [*shipped, CHOOSE_FOLDER]
-    config = read_config(resolve_model(shipped[0]))
+    assert picker.source == "ar3d-encoder"  # the model with a next-token head, whatever the list's order
+    config = read_config(resolve_model(picker.source))
     card = picker.card.text()
     spacing = " × ".join(f"{s:g}" for s in config["preprocessing"]["spacing"])
     assert f"spacing: {spacing} mm" in card
@@ -151,6 +152,18 @@ def test_the_model_picker_shows_the_shipped_encoder_and_its_card(make_napari_vie
     assert f"modality: {config['modality']}" in card
     assert picker.device == "auto" and [picker.device_combo.itemText(i) for i in range(4)] == [
         "auto", "cpu", "cuda", "mps"]
+    picker.deleteLater()
+
+
+@pytest.mark.parametrize(("role", "default"), [("segment", "ar3d-ct-organs"), ("explain", "ar3d-encoder"),
+                                              ("finetune", "ar3d-encoder")])
+def test_each_picker_starts_on_a_shipped_model_that_suits_its_role(make_napari_viewer, role, default):
+    from napari_ar3d.widgets._models import ModelPicker
+
+    picker = ModelPicker(make_napari_viewer(), role)
+    assert picker.source == default and picker.config["objective"] in {"segment": ("segmentation",)}.get(role, ("ar",))
+    if role == "segment":
+        assert "liver" in picker.card.text()  # the card lists the classes
     picker.deleteLater()
 
 

@@ -23,6 +23,11 @@ from napari_ar3d.widgets._layers import real_viewer
 
 CHOOSE_FOLDER = "Choose folder…"
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ROLE_OBJECTIVES = {  # the objectives a picker's default model may have, by the picker's role
+    "segment": ("segmentation",),
+    "explain": ("ar",),  # next-token prediction and surprise need the AR head
+    "finetune": ("ar", "mae"),  # start from a pretrained encoder
+}
 
 
 @dataclass(frozen=True)
@@ -144,9 +149,10 @@ class ModelPicker(QWidget):
         for entry in self.registry.entries:
             self._insert(entry)
         self.combo.addItem(CHOOSE_FOLDER)
+        self.combo.setCurrentIndex(self._default_index())
         self.combo.currentIndexChanged.connect(self._on_index)
         self.registry.added.connect(self._on_added)
-        self._on_index(0 if self.registry.entries else -1)
+        self._on_index(self.combo.currentIndex())
 
     # ------------------------------------------------------------------ state
 
@@ -189,6 +195,19 @@ class ModelPicker(QWidget):
         return entry
 
     # ------------------------------------------------------------------ events
+
+    def _default_index(self) -> int:
+        """The first model whose objective suits the role (Segment: a segmenter; else an encoder)."""
+        from model_core.checkpoint import read_config, resolve_model
+
+        wanted = ROLE_OBJECTIVES[self.role]
+        for i, entry in enumerate(self.registry.entries):
+            try:
+                if read_config(resolve_model(entry.source)).get("objective") in wanted:
+                    return i
+            except Ar3dInputError:
+                continue
+        return 0 if self.registry.entries else -1
 
     def _insert(self, entry: ModelEntry) -> None:
         index = self.combo.count() - (1 if self.combo.findText(CHOOSE_FOLDER) >= 0 else 0)
