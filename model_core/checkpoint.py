@@ -21,6 +21,7 @@ format) are refused before anything is unpickled: unpickling can run arbitrary c
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -31,15 +32,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import Ar3dInputError, CheckpointError
+from .io import describe_write_error
 from .models import ViT3D, ViT3DConfig
+from .preprocess import PreprocessConfig
 
 FORMAT = "napari-ar3d"
 VERSION = 1
 ARCHITECTURES = ("vit3d",)
+OBJECTIVES = (None, "ar", "mae", "segmentation")  # what trained the weights: pretraining or fine-tuning
+MODALITIES = ("CT", "MRI", "any")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_DIR = "train_state"
@@ -86,7 +91,7 @@ def make_config(
     provenance: dict | None = None,
 ) -> dict:
     """A config.json dict in the current format (see the module docstring)."""
-    if modality not in ("CT", "MRI", "any"):
+    if modality not in MODALITIES:
         raise Ar3dInputError(f"modality {modality!r} is not one of CT, MRI, any")
     return {
         "format": FORMAT,
@@ -121,7 +126,8 @@ def save_checkpoint(
     """Write a checkpoint folder atomically and return its path.
 
     The previous checkpoint in `directory` stays complete and loadable until the new one is in
-    place; a failure while writing leaves no temporary folder behind.
+    place; a failure while writing leaves no temporary folder behind, and a failed write (a full
+    disk) raises `Ar3dInputError` naming the folder and the reason.
     """
     validate_config(config, directory)
     target = Path(directory)
@@ -140,6 +146,12 @@ def save_checkpoint(
         if target.is_dir():
             _carry_over(target, tmp)
         _fsync(tmp)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        nbytes = sum(t.nbytes for t in state_dict.values())
+        raise Ar3dInputError(
+            f"could not write the checkpoint: {describe_write_error(exc, target.parent, nbytes)}", target
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -161,10 +173,13 @@ def _aside(target: Path) -> Path:
 
 
 def _recover(target: Path) -> None:
-    """Put back the previous checkpoint if a save was killed between its two renames."""
+    """Put back the previous checkpoint if a save was killed between its two renames; remove what is
+    left of it if a save was killed while removing it (the next save could not set `target` aside)."""
     aside = _aside(target)
     if not target.exists() and aside.is_dir():
         os.rename(aside, target)
+    elif target.exists() and aside.exists():
+        shutil.rmtree(aside)
 
 
 def _carry_over(old: Path, new: Path) -> None:
@@ -230,8 +245,56 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         state_dict = load_file(weights, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the weights ({exc})", weights) from None
+        raise CheckpointError(f"cannot read the weights ({_first_line(exc)})", weights) from None
     return Checkpoint(config=config, state_dict=state_dict, path=folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_model_size(checkpoint: Checkpoint) -> None:
+    """Refuse a config that declares a larger model than its `model.safetensors` holds; call before building it.
+
+    The weights must fill the whole model, so a config asking for more values than the file has
+    is wrong; checking first keeps a corrupt width or depth from allocating a huge model. The
+    encoder's size is a lower bound (patch embedding, attention and MLP weights); a segmentation
+    decoder is counted exactly by building it on torch's meta device (no memory).
+    """
+    config, folder = checkpoint.config, checkpoint.path
+    n_values = sum(t.numel() for t in checkpoint.state_dict.values())
+    cfg = ViT3DConfig.from_dict(config["encoder"])  # validated by read_config
+    w, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+    needed = cfg.in_channels * cfg.patch_size**3 * w + cfg.depth * (4 * w * w + 2 * hidden * w)
+    decoder = (config.get("heads") or {}).get("segmentation", {}).get("decoder")
+    if decoder is not None:
+        from .segmentation import build_decoder
+
+        options = {k: v for k, v in decoder.items() if k not in ("kind", "num_classes")}
+        try:
+            with torch.device("meta"):
+                module = build_decoder(decoder.get("kind"), cfg, decoder.get("num_classes"), **options)
+        except (Ar3dInputError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"the segmentation decoder {decoder} cannot be built ({_first_line(exc)})",
+                                  folder / CONFIG_FILE) from None
+        needed += sum(t.numel() for t in module.state_dict().values())
+    if needed > n_values:
+        raise CheckpointError(
+            f"{CONFIG_FILE} describes a model of at least {needed:,} values but {WEIGHTS_FILE} holds {n_values:,}",
+            folder,
+        )
+
+
+def count_values(path: str | os.PathLike) -> int:
+    """Number of values in a checkpoint's `model.safetensors`, from its header (no tensor is read)."""
+    weights = _checkpoint_folder(Path(path)) / WEIGHTS_FILE
+    _require_safetensors(weights)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the weights ({_first_line(exc)})", weights) from None
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -265,6 +328,45 @@ def validate_config(config: Any, where: str | os.PathLike = "config") -> None:
         )
     if not isinstance(config.get("encoder"), dict):
         raise CheckpointError("config has no 'encoder' settings", where)
+    try:
+        ViT3DConfig.from_dict(config["encoder"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"bad encoder settings ({exc})", where) from None
+    if config.get("objective") not in OBJECTIVES:
+        known = ", ".join(o for o in OBJECTIVES if o)
+        raise CheckpointError(f"unknown objective {config.get('objective')!r}; known: {known}", where)
+    for key, kind in (("heads", dict), ("preprocessing", dict), ("provenance", dict), ("classes", list)):
+        if not isinstance(config.get(key, kind()), kind):
+            raise CheckpointError(f"{key!r} must be a JSON {'object' if kind is dict else 'list'}", where)
+    sequence = config.get("provenance", {}).get("sequence", {})
+    if not isinstance(sequence, dict) or not all(type(sequence.get(k, 1)) is int and sequence.get(k, 1) > 0
+                                                 for k in ("crop", "slab")):
+        raise CheckpointError(f"the pretraining 'sequence' needs whole positive 'crop' and 'slab', got {sequence!r}",
+                              where)
+    if not all(isinstance(c, str) for c in config.get("classes", [])):
+        raise CheckpointError(f"'classes' must be a list of names, got {config['classes']!r}", where)
+    if config.get("modality", "any") not in MODALITIES:
+        raise CheckpointError(f"modality {config.get('modality')!r} is not one of {', '.join(MODALITIES)}", where)
+    try:
+        PreprocessConfig.from_dict(config.get("preprocessing", {}))
+    except (Ar3dInputError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"bad preprocessing settings ({_first_line(exc)})", where) from None
+    _validate_heads(config.get("heads", {}), where)
+
+
+def _validate_heads(heads: dict, where: str | os.PathLike) -> None:
+    """The parts of `heads` that loaders read: each a JSON object; a segmentation head's decoder and window."""
+    for name, head in heads.items():
+        if not isinstance(head, dict):
+            raise CheckpointError(f"head {name!r} must be a JSON object, got {head!r}", where)
+    seg = heads.get("segmentation")
+    if seg is None:
+        return
+    if not isinstance(seg.get("decoder"), dict) or not isinstance(seg["decoder"].get("kind"), str):
+        raise CheckpointError(f"the segmentation head has no decoder settings with a 'kind', got {seg}", where)
+    roi = seg.get("roi", [1, 1, 1])
+    if not (isinstance(roi, list) and len(roi) == 3 and all(type(r) is int and r > 0 for r in roi)):
+        raise CheckpointError(f"the segmentation window 'roi' must be three positive voxel counts, got {roi!r}", where)
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -315,19 +417,29 @@ def _require_safetensors(path: Path) -> None:
 def load_into(model: torch.nn.Module, checkpoint: Checkpoint, prefix: str = "", max_listed: int = 5) -> None:
     """Copy the checkpoint's tensors whose names start with `prefix` into `model`, strictly.
 
-    Raises `CheckpointError` listing the first missing, unexpected and wrongly shaped tensors.
+    Raises `CheckpointError` listing the first missing, unexpected, wrongly shaped and wrongly
+    typed tensors (a float tensor may have another float precision), and those holding NaN or
+    infinity.
     """
     ours = model.state_dict()
     theirs = {k[len(prefix):]: v for k, v in checkpoint.state_dict.items() if k.startswith(prefix)}
+    common = [k for k in ours if k in theirs]
     missing = [k for k in ours if k not in theirs]
     unexpected = [k for k in theirs if k not in ours]
     shapes = [
-        f"{k} is {tuple(theirs[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
-        for k, v in ours.items()
-        if k in theirs and theirs[k].shape != v.shape
+        f"{k} is {tuple(theirs[k].shape)} in the checkpoint, {tuple(ours[k].shape)} in the model"
+        for k in common
+        if theirs[k].shape != ours[k].shape
     ]
+    dtypes = [
+        f"{k} is {theirs[k].dtype} in the checkpoint, {ours[k].dtype} in the model"
+        for k in common
+        if theirs[k].dtype != ours[k].dtype and not (theirs[k].is_floating_point() and ours[k].is_floating_point())
+    ]
+    non_finite = [k for k in common if theirs[k].is_floating_point() and not torch.isfinite(theirs[k]).all()]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
+                         ("wrong type", dtypes), ("NaN or infinite values", non_finite)):
         if items:
             more = f" and {len(items) - max_listed} more" if len(items) > max_listed else ""
             problems.append(f"{label}: {', '.join(items[:max_listed])}{more}")
@@ -348,6 +460,7 @@ def build_encoder(checkpoint: Checkpoint) -> ViT3D:
         cfg = ViT3DConfig.from_dict(checkpoint.config["encoder"])
     except CheckpointError as exc:
         raise CheckpointError(str(exc), checkpoint.path / CONFIG_FILE) from None
+    check_model_size(checkpoint)
     encoder = ViT3D(cfg)
     prefixed = any(k.startswith("encoder.") for k in checkpoint.state_dict)
     load_into(encoder, checkpoint, prefix="encoder." if prefixed else "")
@@ -440,6 +553,7 @@ def _write_train_state(folder: Path, ts: TrainState) -> None:
     _write_json(folder / "state.json", meta)
     for name in ("optimizer.safetensors", "rng.safetensors"):
         _fsync(folder / name)
+    _fsync(folder)
 
 
 def _to_json(obj: Any) -> Any:

@@ -6,7 +6,8 @@ listing it in `COMMANDS`. Heavy imports (torch, the model) happen inside the run
 that `ar3d --help` is instant.
 
 Errors: `Ar3dInputError` (bad files, arguments, checkpoints) prints `ar3d: error: <message>` on
-stderr and exits with code 2, without a traceback; argparse errors exit 2 too.
+stderr and exits with code 2, without a traceback; argparse errors exit 2 too. Warnings from the
+core (e.g. "CUDA out of memory ...; falling back to CPU") print as `ar3d: warning: <message>`.
 
 Model size on the command line: `--config` takes a preset (tiny, small, base) or a JSON file
 (a ViT3DConfig dict, or a checkpoint's config.json whose "encoder" is used), and `--set KEY=VALUE`
@@ -21,6 +22,7 @@ import os
 import shlex
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -299,6 +301,8 @@ class _TqdmProgress:
             return
         if self.bar is None:
             self.bar = self.tqdm(total=p.total or None, desc=self.desc, unit=self.unit, dynamic_ncols=True)
+        if p.total and p.total != self.bar.total:  # e.g. a retry with fewer windows per batch
+            self.bar.reset(total=p.total)
         self.bar.update(p.step - self.bar.n)
         if p.metrics:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in p.metrics.items()}, refresh=False)
@@ -338,21 +342,55 @@ class _StopOnSignal:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="ar3d-demo", metavar="DIR", help="folder for the demo's files (default ar3d-demo)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--model", default="ar3d-ct-organs", metavar="NAME_OR_DIR",
+                   help="segmentation model (default ar3d-ct-organs)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+
+
+_DEMO_FILES = {  # file key -> what it holds
+    "image": "the CT phantom (Hounsfield units)",
+    "truth": "its true labels",
+    "truth_names": "their names",
+    "segmentation": "labels predicted by the model",
+    "uncertainty": "entropy of the prediction (0 certain, 1 uniform)",
+    "attention": "where the encoder looks from the liver voxel",
+    "prediction": "next-token prediction of each patch",
+    "surprise": "how unexpected each patch is",
+    "dice": "Dice per class",
+}
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from tqdm import tqdm
 
-    result = run_demo(args.out, seed=args.seed)
-    s = result.summary
-    print(f"CT phantom {s['shape'][0]}x{s['shape'][1]}x{s['shape'][2]} voxels, spacing {s['spacing_mm']} mm, "
-          f"orientation {s['orientation']}; {len(s['classes'])} labelled structures")
+    from .demo import DEFAULT_EXPLAINER, run_demo
+
+    bars = _PhaseProgress(tqdm)
+    try:
+        result = run_demo(args.out, seed=args.seed, segmenter=args.model, device=args.device, progress=bars)
+    finally:
+        bars.close()
+    s, t = result.summary, result.timings
+    print(f"CT phantom (seed {s['seed']}) {s['shape'][0]}x{s['shape'][1]}x{s['shape'][2]} voxels, spacing "
+          f"{s['spacing_mm']} mm, orientation {s['orientation']}; {len(s['classes'])} labelled structures")
     print(f"geometry checked: liver centroid at RAS {s['liver_centroid_ras_mm']} mm "
           f"(patient's right: {s['liver_on_patient_right']})")
-    for name, path in result.files.items():
-        print(f"  {name:12s} {path}")
-    files = " ".join(str(result.files[k]) for k in ("image", "labels"))
-    print(f"open them in napari with:  napari {files} --plugin napari-ar3d")
+    print(f"segmented with {args.model} in {t['segment']:.1f} s; explained with {DEFAULT_EXPLAINER} "
+          f"(attention from liver voxel {tuple(s['liver_query_ijk'])}, prediction, surprise) in {t['explain']:.1f} s")
+    seen = " (a phantom it was trained on)" if s["seed_in_training_data"] else " (a phantom it was not trained on)"
+    print(f"Dice against the phantom's true labels{seen}:")
+    for name, value in result.dice.items():
+        print(f"  {name:14s} {value:.3f}")
+    print(f"  {'mean':14s} {sum(result.dice.values()) / max(1, len(result.dice)):.3f}")
+    print(f"files in {result.out_dir.resolve()}:")
+    for key, path in result.files.items():
+        print(f"  {path.relative_to(result.out_dir)!s:34s} {_DEMO_FILES.get(key, key)}")
+    shown = " ".join(shlex.quote(str(result.files[k].resolve())) for k in
+                     ("image", "segmentation", "truth", "attention", "surprise"))
+    print(f"open them in napari (the napari-ar3d reader keeps the scanner geometry; *_seg / *_labels open as labels):\n"
+          f"  napari {shown} --plugin napari-ar3d\n"
+          f"or in napari: File > Open Files..., pick them and choose 'napari-ar3d' as the reader")
+    print(f"done in {t['total']:.1f} s")
     return 0
 
 
@@ -365,7 +403,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import DEFAULT_ENCODER, ENCODER_ENV, list_shipped, read_config, resolve_model
+    from .checkpoint import DEFAULT_ENCODER, ENCODER_ENV, SHIPPED_DIR, list_shipped, read_config, resolve_model
 
     if args.model is None:
         names = list_shipped()
@@ -379,6 +417,9 @@ def _info(args: argparse.Namespace) -> int:
     config = read_config(path)
     for key, value in _card(path, config):
         print(f"{key}: {value}")
+    if path.parent == SHIPPED_DIR:
+        card = Path(__file__).resolve().parents[1] / "docs" / "models" / f"{path.name}.md"
+        print(f"model card: {card if card.is_file() else f'docs/models/{path.name}.md in the napari-ar3d repository'}")
     return 0
 
 
@@ -390,12 +431,9 @@ def _summary(config: dict) -> str:
 
 def _card(path: Path, config: dict) -> list[tuple[str, str]]:
     """The model card of a checkpoint as (field, text) rows."""
-    from safetensors import safe_open
+    from .checkpoint import TRAIN_STATE_DIR, WEIGHTS_FILE, count_values
 
-    from .checkpoint import TRAIN_STATE_DIR, WEIGHTS_FILE
-
-    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
-        n_params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    n_params = count_values(path)
     prov = dict(config.get("provenance", {}))
     prov.pop("train", None)
     rows = [
@@ -426,13 +464,6 @@ def _segmentation_rows(config: dict) -> list[tuple[str, str]]:
     kind = decoder.pop("kind", "?")
     options = ", ".join(f"{k}={v}" for k, v in decoder.items())
     return [("decoder", f"{kind} ({options}), window {'x'.join(map(str, head.get('roi', [])))} voxels")]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,6 +556,10 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=2, help="crops per step (default 2)")
     run.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 head, 1e-4 full)")
     run.add_argument("--crops", type=int, default=16, help="head mode: augmented crops cached per scan (default 16)")
+    run.add_argument("--ckpt-every", type=int, default=50,
+                     help="steps between resumable checkpoints in the hidden work folder .OUT.finetuning (default 50)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue a killed run from its work folder's last checkpoint (give the same options)")
     run.add_argument("--flip-prob", type=float, default=0.0,
                      help="probability of a flip along each axis (default 0: flips swap left and right)")
     run.add_argument("--seed", type=int, default=0)
@@ -554,6 +589,7 @@ def _finetune(args: argparse.Namespace) -> int:
         lr=args.lr,
         roi=args.roi,
         crops_per_scan=args.crops,
+        ckpt_every=args.ckpt_every,
         flip_prob=args.flip_prob,
         spacing=_spacing(args.spacing) if args.spacing else None,
         scratch_config=_encoder_config(args.config or "tiny", args.overrides),
@@ -566,7 +602,7 @@ def _finetune(args: argparse.Namespace) -> int:
     try:
         with _StopOnSignal() as stop:
             result = finetune(args.model, [tuple(pair) for pair in args.train], args.out, cfg, class_names=names,
-                              provenance={"command": command}, progress=bars, should_stop=stop)
+                              provenance={"command": command}, progress=bars, should_stop=stop, resume=args.resume)
     except Cancelled:
         print("stopped before training; nothing was written", file=sys.stderr)
         return 130
@@ -767,7 +803,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = [
-    Command("demo", "the built-in default job: write the CT phantom, check its geometry, show how to open it", _demo_arguments, _demo),
+    Command("demo", "the built-in default job: a CT phantom, segmented and explained, with how to open the files",
+            _demo_arguments, _demo),
     Command("pretrain", "pretrain an encoder (autoregressive or MAE); torchrun-ready", _pretrain_arguments, _pretrain),
     Command("info", "list shipped models, or print a checkpoint's model card", _info_arguments, _info),
     Command("explain", "attention, next-token prediction, surprise and PCA maps of a scan", _explain_arguments, _explain),
@@ -800,12 +837,19 @@ def _one_line(err: Exception) -> str:
     return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings from the core (a modality mismatch, an out-of-memory fallback) as one line on stderr."""
+    print(f"ar3d: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `ar3d` with `argv` (default: sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except Ar3dInputError as err:
         print(f"ar3d: error: {_one_line(err)}", file=sys.stderr)
         return 2

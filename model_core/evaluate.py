@@ -91,16 +91,15 @@ def evaluate_labels(
 def evaluate_volumes(pred: Volume, truth: Volume, labels: Sequence[int] | None = None) -> list[ClassScore]:
     """`evaluate_labels` of two label volumes on the same grid; `labels` must occur in one of them."""
     check_same_grid(pred, truth)
+    pred_labels, truth_labels = as_label_array(pred.array, pred.path), as_label_array(truth.array, truth.path)
     if labels is not None:
-        found = set(np.unique(as_label_array(pred.array, pred.path)).tolist()) | set(
-            np.unique(as_label_array(truth.array, truth.path)).tolist()
-        )
+        found = set(np.unique(pred_labels).tolist()) | set(np.unique(truth_labels).tolist())
         missing = [v for v in labels if v not in found]
         if missing:
             raise Ar3dInputError(
                 f"label value(s) {', '.join(map(str, missing))} occur in neither {pred.path} nor {truth.path}"
             )
-    return evaluate_labels(pred.array, truth.array, voxel_spacing(truth.affine), labels)
+    return evaluate_labels(pred_labels, truth_labels, voxel_spacing(truth.affine), labels)
 
 
 def mean_dice(scores: Sequence[ClassScore]) -> float:

@@ -46,7 +46,7 @@ import torch
 from .checkpoint import CONFIG_FILE, build_encoder, load_checkpoint, load_into, resolve_model
 from .device import resolve_device
 from .errors import Ar3dInputError, CheckpointError
-from .io import Volume, read_volume, voxel_to_world, world_to_voxel, write_volume
+from .io import Volume, check_image, read_volume, voxel_to_world, world_to_voxel, write_volume
 from .models import NextTokenHead, ViT3D, unpatchify
 from .objectives import normalize_patches
 from .preprocess import PreprocessConfig, Preprocessed, preprocess_volume, resample_to_grid
@@ -190,6 +190,7 @@ class ModelGrid:
 
 def prepare(model: ExplainModel, volume: Volume) -> ModelGrid:
     """Preprocess `volume` as in pretraining and pad it to whole patches (with its minimum, at the high end)."""
+    check_image(volume.array, volume.path)
     pre = preprocess_volume(volume, model.preprocess)
     p = model.patch_size
     pad = [(0, -n % p) for n in pre.array.shape]

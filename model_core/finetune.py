@@ -28,6 +28,8 @@ annotated voxels); "dice" reported during training is the hard Dice of the batch
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -53,10 +55,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .checkpoint import (
+    CONFIG_FILE,
     DEFAULT_ENCODER,
     build_encoder,
     has_checkpoint,
     load_checkpoint,
+    load_into,
+    load_train_state,
     make_config,
     read_config,
     resolve_model,
@@ -65,7 +70,7 @@ from .checkpoint import (
 from .data import read_labels_json
 from .device import resolve_device
 from .errors import Ar3dInputError
-from .io import Volume, read_volume
+from .io import Volume, check_image, read_volume
 from .models import ViT3D, ViT3DConfig
 from .preprocess import (
     IntensityConfig,
@@ -101,6 +106,7 @@ class FinetuneConfig:
     merge: dict[str, Sequence[int]] = field(default_factory=dict)  # class name -> label values joined into it
     background_label: str | int | None = None  # sparse: the label (value or name) that is background
     steps: int | None = None  # optimizer steps; default 400 (head) or 300 (full)
+    ckpt_every: int = 50  # steps between resumable checkpoints in the work folder (see `finetune(resume=...)`)
     batch_size: int = 2
     lr: float | None = None  # peak learning rate; default 1e-3 (head) or 1e-4 (full, top layer)
     layer_decay: float = 0.75  # full mode: lr factor per encoder block going down
@@ -126,7 +132,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise Ar3dInputError(f"FinetuneConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("batch_size", "crops_per_scan", "points"):
+        for name in ("batch_size", "crops_per_scan", "points", "ckpt_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise Ar3dInputError(f"FinetuneConfig.{name} must be a positive integer, got {value!r}")
@@ -537,6 +543,72 @@ def _modality_name(kinds: set[str]) -> str:
     return {frozenset({"ct"}): "CT", frozenset({"mri"}): "MRI"}.get(frozenset(kinds), "any")
 
 
+# ----------------------------------------------------------------------------- resume
+
+
+RESUME_FREE = ("device", "ckpt_every")  # FinetuneConfig fields a resumed run may change
+
+
+def work_folder(out: str | os.PathLike) -> Path:
+    """The hidden folder beside `out` where `finetune` trains and checkpoints until the model is complete."""
+    out = Path(out)
+    return out.parent / f".{out.name}.finetuning"
+
+
+def _check_work(work: Path, resume: bool) -> None:
+    if has_checkpoint(work) and not resume:
+        steps = read_config(work).get("provenance", {}).get("steps", "?")
+        raise Ar3dInputError(
+            f"holds a fine-tuning run interrupted at step {steps}; continue it with --resume (resume=True) "
+            "and the same options, or delete that folder", work)
+
+
+def _fingerprint(digest, array: np.ndarray) -> None:
+    """Add an array's shape, type and bytes to a hashlib digest."""
+    digest.update(f"{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+
+
+def _resume_settings(config: dict) -> dict:
+    """What a resumed run must share with the interrupted one, by name: model, classes, data, options."""
+    prov = config.get("provenance", {})
+    settings = {
+        "encoder": config.get("encoder"),
+        "decoder": config.get("heads"),
+        "preprocessing": config.get("preprocessing"),
+        "classes": config.get("classes"),
+        "starting model": prov.get("encoder"),
+        "training data": prov.get("data"),
+        "training data contents": prov.get("data_fingerprint"),
+        **{k: v for k, v in prov.get("finetune", {}).items() if k not in RESUME_FREE},
+    }
+    return json.loads(json.dumps(settings))  # tuples as lists, as read back from config.json
+
+
+def _check_resume(work: Path, config: dict) -> None:
+    """Refuse to resume the run in `work` with other settings than it started with."""
+    saved, ours = _resume_settings(read_config(work)), _resume_settings(config)
+    changed = [name for name in ours if saved.get(name) != ours[name]]
+    if changed:
+        raise Ar3dInputError(
+            f"the {', '.join(changed)} of this run differ from the interrupted run's; resume with the same options "
+            "and data, or delete that folder to start again", work / CONFIG_FILE)
+
+
+def _finished_result(out: Path, t_start: float) -> FinetuneResult:
+    """The result of a run whose final model was complete when it was killed (before its last rename)."""
+    config = read_config(out)
+    prov = config["provenance"]
+    metrics, timing = prov.get("metrics", {}), prov.get("timing_s", {})
+    return FinetuneResult(
+        checkpoint=out, classes=list(config["classes"]), steps=int(prov["steps"]),
+        loss=float(metrics.get("loss", "nan")), dice=float(metrics.get("dice", "nan")),
+        cancelled=bool(prov.get("cancelled")), prepare_s=float(timing.get("prepare", 0.0)),
+        cache_s=float(timing.get("cache", 0.0)), train_s=float(timing.get("train", 0.0)),
+        wall_s=time.perf_counter() - t_start,
+    )
+
+
 def finetune(
     model: str | os.PathLike | None,
     pairs: Sequence[TrainPair],
@@ -548,6 +620,7 @@ def finetune(
     provenance: dict | None = None,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
+    resume: bool = False,
 ) -> FinetuneResult:
     """Fine-tune a segmentation model on (image, segmentation) pairs and write it to the folder `out`.
 
@@ -560,14 +633,26 @@ def finetune(
         ("training", metrics loss, dice, lr).
     should_stop: polled throughout; before training it cancels without writing anything
         (raises `Cancelled`), during training it stops and writes the model trained so far.
+    resume: continue the run a kill interrupted, from the last checkpoint in its work folder (the
+        same arguments are needed, except `cfg.device` and `cfg.ckpt_every`); without a checkpoint
+        there it starts afresh. Without `resume`, a work folder with a checkpoint is an error.
 
-    Nothing is written to `out` until the model is complete: training runs in a hidden sibling
-    folder that is renamed to `out` at the end (and removed on error).
+    Nothing is written to `out` until the model is complete: training runs in the hidden sibling
+    folder `work_folder(out)`, with a checkpoint every `cfg.ckpt_every` steps, that is renamed to
+    `out` at the end. An error removes it; a kill (or KeyboardInterrupt) leaves it for `resume`.
     """
     t_start = time.perf_counter()
     cfg = cfg or FinetuneConfig()
     out = Path(out)
+    work = work_folder(out)
     _check_out(out)
+    _check_work(work, resume)
+    resuming = resume and has_checkpoint(work)
+    if resuming and load_train_state(work) is None:  # killed after the final save, before the rename
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.rename(work, out)
+        return _finished_result(out, t_start)
     if not pairs:
         raise Ar3dInputError("fine-tuning needs at least one (image, segmentation) pair")
     names = dict(class_names or {})
@@ -585,12 +670,16 @@ def finetune(
 
     # Read every pair and check it before preprocessing anything.
     volumes: list[tuple[Volume, np.ndarray, str, str]] = []
+    contents = hashlib.blake2b(digest_size=16)  # of every voxel: a resumed run must train on the same data
     for n, (image_item, seg_item) in enumerate(pairs):
         check_stop(should_stop)
         image = _load(image_item, "image")
         seg = _load(seg_item, "segmentation")
         image_name, seg_name = _name(image, f"image {n}"), _name(seg, f"segmentation {n}")
+        check_image(image.array, image_name)
         volumes.append((image, check_pair(image, seg, image_name, seg_name), image_name, seg_name))
+        _fingerprint(contents, image.array)
+        _fingerprint(contents, volumes[-1][1])
         report(progress, n + 1, len(pairs), "reading scans")
     data_names = [f"{image_name} + {seg_name}" for _, _, image_name, seg_name in volumes]
     present = set().union(*(set(np.unique(labels).tolist()) for _, labels, _, _ in volumes))
@@ -622,6 +711,31 @@ def finetune(
     seg_model = SegmentationModel(encoder, build_decoder(kind, encoder.cfg, K + 1))
     objective = SegmentationObjective(seg_model, frozen_encoder=cfg.mode == "head")
     crops = CropDataset(scans, roi3, cfg, cfg.seed)
+    config = make_config(
+        encoder.cfg.to_dict(),
+        objective="segmentation",
+        heads={"segmentation": {"decoder": seg_model.decoder.config, "roi": list(roi3)}},
+        preprocessing=pre_cfg.to_dict(),
+        modality=_modality_name(kinds),
+        classes=cmap.classes,
+        provenance={
+            **(provenance or {}),
+            "encoder": encoder_source,
+            "encoder_provenance": {k: v for k, v in encoder_config.get("provenance", {}).items() if k != "train"},
+            "data": data_names,
+            "data_fingerprint": contents.hexdigest(),
+            "mode": cfg.mode,
+            "annotation": cfg.annotation,
+            "label_map": cmap.to_dict(),
+            "finetune": {k: v for k, v in asdict(cfg).items() if k not in ("scratch_config",)},
+        },
+    )
+    if resuming:
+        _check_resume(work, config)
+        # The interrupted run's encoder (the same unless its source changed): head mode caches the same features.
+        load_into(encoder, load_checkpoint(work), prefix="encoder.")
+    elif work.exists():
+        shutil.rmtree(work)  # a run killed before its first checkpoint
 
     t_cache = time.perf_counter()
     if cfg.mode == "head":
@@ -638,37 +752,16 @@ def finetune(
     steps = cfg.total_steps
     train_cfg = TrainConfig(
         steps=steps, batch_size=cfg.batch_size, lr=cfg.peak_lr, weight_decay=cfg.weight_decay,
-        warmup_steps=max(1, steps // 20), ckpt_every=steps, log_every=10, seed=cfg.seed, amp=cfg.amp,
+        warmup_steps=max(1, steps // 20), ckpt_every=cfg.ckpt_every, log_every=10, seed=cfg.seed, amp=cfg.amp,
         device=cfg.device,
-    )
-    config = make_config(
-        encoder.cfg.to_dict(),
-        objective="segmentation",
-        heads={"segmentation": {"decoder": seg_model.decoder.config, "roi": list(roi3)}},
-        preprocessing=pre_cfg.to_dict(),
-        modality=_modality_name(kinds),
-        classes=cmap.classes,
-        provenance={
-            **(provenance or {}),
-            "encoder": encoder_source,
-            "encoder_provenance": {k: v for k, v in encoder_config.get("provenance", {}).items() if k != "train"},
-            "data": data_names,
-            "mode": cfg.mode,
-            "annotation": cfg.annotation,
-            "label_map": cmap.to_dict(),
-            "finetune": {k: v for k, v in asdict(cfg).items() if k not in ("scratch_config",)},
-        },
     )
 
     def on_progress(p: Progress) -> None:
         report(progress, p.step, p.total, "training", **p.metrics, dice=objective.last_dice)
 
-    work = out.parent / f".{out.name}.finetuning"
-    if work.exists():
-        shutil.rmtree(work)
     try:
         result = train(objective, dataset, train_cfg, work, checkpoint_config=config, param_groups=groups,
-                       progress=on_progress, should_stop=should_stop)
+                       resume=resuming, progress=on_progress, should_stop=should_stop)
         final = read_config(work)
         final["provenance"]["metrics"] = {"loss": result.loss, "dice": objective.last_dice}
         final["provenance"]["cancelled"] = result.cancelled
@@ -678,6 +771,8 @@ def finetune(
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.rename(work, out)
+    except KeyboardInterrupt:
+        raise  # a kill (a second Ctrl-C): the work folder keeps its last checkpoint for `resume`
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -15,10 +15,15 @@ This module never imports torch, napari or Qt.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,11 +32,18 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 
 from .errors import Ar3dInputError
 
-DEFAULT_MAX_VOXELS = 1024**3 // 2  # 512 Mi voxels: 2 GiB as float32
+# 256 Mi voxels (512 x 512 x 1024: a long thin-slice CT still opens): 1 GiB as float32. Segmenting
+# peaks at about 70 bytes per input voxel with 2 classes and 15 more per extra class (measured on
+# CPU: the image, its normalised and resampled copies, probabilities on both grids, uncertainty,
+# labels), so a volume at the limit fits a 24 GB machine with up to 3 classes (19 GB with 2).
+# Raise or lower it with $AR3D_MAX_VOXELS.
+DEFAULT_MAX_VOXELS = 2**28
 MAX_VOXELS_ENV = "AR3D_MAX_VOXELS"
+MAX_LABEL = 2**16 - 1  # label values 0..65535 (uint16); FreeSurfer's largest is 14175
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -42,6 +54,8 @@ _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: flip x and y (its own inverse)
 _LPS4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 _REVERSE4 = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # (x,y,z) <-> (z,y,x)
 _TAG_SERIES_UID, _TAG_DESCRIPTION, _TAG_MODALITY = "0020|000e", "0008|103e", "0008|0060"
+_MAX_CONDITION = 1e8  # largest ratio of voxel sizes (singular values) a geometry may have
+_SLICE_TOLERANCE = 0.01  # relative deviation allowed between DICOM slice gaps and pixel spacings
 
 
 if TYPE_CHECKING:
@@ -130,9 +144,11 @@ def read_volume(
     if kind == "nifti":
         volume = _read_nifti(path, max_voxels)
     elif kind == "itk":
-        volume = _read_itk(path, max_voxels)
+        with _native_stderr_silenced():
+            volume = _read_itk(path, max_voxels)
     elif kind == "dicom":
-        volume = _read_dicom(path, series_uid, max_voxels)
+        with _native_stderr_silenced():
+            volume = _read_dicom(path, series_uid, max_voxels)
     elif path.is_dir():
         raise Ar3dInputError("folder holds no DICOM files", path)
     else:
@@ -184,9 +200,112 @@ def _check_values(path: Path, array: np.ndarray) -> None:
         raise Ar3dInputError("every voxel is NaN or infinite", path)
 
 
+def _check_affine(path: Path, affine: np.ndarray) -> np.ndarray:
+    """The header's affine as float64, or an error unless it is finite and well invertible (no zero voxel size)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        ok = np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 1e-12
+        ok = ok and np.linalg.cond(affine[:3, :3]) < _MAX_CONDITION
+    if not ok:
+        spacing = np.round(np.linalg.norm(np.nan_to_num(affine[:3, :3]), axis=0), 6).tolist()
+        raise Ar3dInputError(
+            f"the header's geometry is not a finite invertible transform (voxel size {spacing} mm)", path
+        )
+    return affine
+
+
+def check_image(array: np.ndarray, source: str | os.PathLike | None = None) -> None:
+    """Refuse an image a model cannot use: not 3D, not real numbers, or with NaN / infinite voxels (counted).
+
+    `read_volume` and the napari reader accept partly non-finite volumes (they can be looked at);
+    segment, fine-tune and explain call this first, so the model never sees a guessed value.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise Ar3dInputError(f"image has shape {array.shape}; napari-ar3d needs a 3D volume", source)
+    if array.dtype.kind not in "buif":
+        raise Ar3dInputError(f"image has voxel type {array.dtype}; need real numbers", source)
+    if array.dtype.kind != "f":
+        return
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    if nan or inf:
+        raise Ar3dInputError(
+            f"image has {nan:,} NaN and {inf:,} infinite voxels (of {array.size:,}); replace them with a real "
+            "value (e.g. the background) before using a model on it",
+            source,
+        )
+
+
+def check_labels(array: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
+    """A label map as uint8 / uint16 after checking its values are whole numbers in 0..`MAX_LABEL`.
+
+    Float maps holding whole numbers are accepted (many tools write them); NaN, infinite,
+    fractional, negative and larger values raise `Ar3dInputError` naming the first bad value.
+    """
+    labels = np.asarray(array)
+    if labels.dtype.kind not in "buif":
+        raise Ar3dInputError(f"label map has voxel type {labels.dtype}; need whole numbers", source)
+    if labels.size == 0:
+        raise Ar3dInputError(f"label map is empty, shape {labels.shape}", source)
+    if labels.dtype.kind == "f":
+        finite = np.isfinite(labels)
+        if not finite.all():
+            raise Ar3dInputError(f"label map has {int((~finite).sum()):,} NaN or infinite voxels", source)
+        fractional = labels != np.round(labels)
+        if fractional.any():
+            example = float(labels[fractional].flat[0])
+            raise Ar3dInputError(
+                f"label map has {int(fractional.sum()):,} voxels with fractions (e.g. {example:g}); "
+                "labels must be whole numbers",
+                source,
+            )
+    low, high = (int(v) for v in (labels.min(), labels.max()))  # whole numbers by now
+    if low < 0:
+        raise Ar3dInputError(f"label map has negative label {low}; labels must be 0..{MAX_LABEL}", source)
+    if high > MAX_LABEL:
+        raise Ar3dInputError(f"label map has label {high}, above the largest supported label {MAX_LABEL}", source)
+    return labels.astype(np.uint8 if high < 2**8 else np.uint16)
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null while SimpleITK reads: its C++ parsers (MetaIO, GDCM) print their
+    complaints there directly, and a bad file must get one error line, ours. One reader at a time."""
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to silence
+            yield
+            return
+        try:
+            sys.stderr.flush()
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Keep nibabel from logging its header fixes to stderr: a bad file gets one error line, ours."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read_nifti(path: Path, max_voxels: int) -> Volume:
     try:
-        image = nib.load(path, mmap=False)
+        with _quiet_nibabel():
+            image = nib.load(path, mmap=False)
     except nib.filebasedimages.ImageFileError as e:
         if "not a gzip file" in str(e):
             raise Ar3dInputError("file is named .gz but is not gzip-compressed", path) from None
@@ -194,6 +313,8 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
         raise Ar3dInputError(problem, path) from None
     except (OSError, EOFError, zlib.error) as e:
         raise Ar3dInputError(f"cannot read the NIfTI header ({_first_line(e)})", path) from None
+    except (HeaderDataError, ValueError, OverflowError) as e:  # nibabel's checks of the header's fields
+        raise Ar3dInputError(f"the NIfTI header is invalid ({_first_line(e)})", path) from None
     header = image.header
     shape = _check_shape(path, header.get_data_shape(), max_voxels)
     dtype = header.get_data_dtype()
@@ -209,17 +330,36 @@ def _read_nifti(path: Path, max_voxels: int) -> Volume:
         raise Ar3dInputError(f"compressed data is truncated or corrupt ({_first_line(e)})", path) from None
     except OSError:
         raise Ar3dInputError(f"file is truncated: {declared} but the data is shorter", path) from None
+    except (ValueError, OverflowError) as e:  # e.g. a data offset beyond any file
+        raise Ar3dInputError(f"the voxel data cannot be read: {declared} ({_first_line(e)})", path) from None
     sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    try:
+        xyz_units = header.get_xyzt_units()[0]
+    except KeyError:  # a units code NIfTI does not define; writers then use mm
+        xyz_units = None
     meta = {
         "format": "nifti",
         "modality": None,
-        "nifti": {"sform_code": sform_code, "qform_code": qform_code, "xyz_units": header.get_xyzt_units()[0]},
+        "nifti": {"sform_code": sform_code, "qform_code": qform_code, "xyz_units": xyz_units},
     }
-    return Volume(array.reshape(shape), image.affine.astype(np.float64), str(path), meta)
+    return Volume(array.reshape(shape), _check_affine(path, image.affine), str(path), meta)
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """Refuse a MetaImage header with an NDims outside 1..8: SimpleITK crashes the process on a negative or huge one."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    end = head.find(b"ElementDataFile")  # the last header field; binary data follows
+    for m in re.finditer(rb"^[ \t]*NDims[ \t]*=[ \t]*(\S*)", head if end < 0 else head[:end], re.MULTILINE | re.IGNORECASE):
+        value = m.group(1).decode("latin-1")
+        if not re.fullmatch("[0-9]+", value) or not 1 <= int(value) <= 8:
+            raise Ar3dInputError(f"the MetaImage header declares NDims = {value!r}; it must be 1 to 8", path)
 
 
 def _read_itk(path: Path, max_voxels: int) -> Volume:
     sitk = simpleitk()
+    if path.name.lower().endswith((".mha", ".mhd")):
+        _check_metaimage_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -232,6 +372,7 @@ def _read_itk(path: Path, max_voxels: int) -> Volume:
             path,
         )
     shape = _check_shape(path, reader.GetSize(), max_voxels)
+    _sitk_affine(reader, path)  # before reading: SimpleITK hangs on some non-finite geometries
     try:
         image = reader.Execute()
     except RuntimeError:
@@ -263,8 +404,10 @@ def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
         first.ReadImageInformation()
     except RuntimeError:
         raise Ar3dInputError(f"cannot read the DICOM header of {Path(files[0]).name}", path) from None
+    _sitk_affine(first, path)
     width, height = first.GetSize()[:2]
     shape = _check_shape(path, (width, height, len(files)), max_voxels)
+    _check_dicom_slices(path, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -281,6 +424,57 @@ def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
         "files": len(files),
     }
     return _volume_from_sitk(image, shape, folder, meta)
+
+
+def _check_dicom_slices(path: Path, files: list[str]) -> None:
+    """Refuse a series whose slices differ in size, pixel spacing or orientation, or are unevenly spaced.
+
+    SimpleITK stacks such slices anyway (with a warning) and the volume's geometry is then wrong;
+    uneven gaps usually mean missing slices, equal positions two series under one uid.
+    """
+    sitk = simpleitk()
+    sizes, spacings, directions, origins = [], [], [], []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise Ar3dInputError(f"cannot read the DICOM header of {Path(file).name}", path) from None
+        sizes.append(tuple(reader.GetSize()[:2]))
+        spacings.append(reader.GetSpacing()[:2])
+        directions.append(np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3])
+        origins.append(reader.GetOrigin()[:3])
+    names = [Path(f).name for f in files]
+    for n in range(1, len(files)):
+        if sizes[n] != sizes[0]:
+            raise Ar3dInputError(f"DICOM slices differ in size: {names[0]} is {sizes[0]}, {names[n]} is {sizes[n]}", path)
+        if not np.allclose(spacings[n], spacings[0], rtol=_SLICE_TOLERANCE):
+            raise Ar3dInputError(
+                f"DICOM slices differ in pixel spacing: {names[0]} has {spacings[0]} mm, {names[n]} has {spacings[n]} mm",
+                path,
+            )
+        if not np.allclose(directions[n], directions[0], atol=1e-3):
+            raise Ar3dInputError(f"DICOM slices differ in orientation: {names[0]} and {names[n]}", path)
+    normal = directions[0][:, 2]
+    positions = np.array(origins) @ normal  # (N,) mm along the slice normal, in series order
+    gaps = np.diff(positions)
+    if len(gaps) == 0:
+        return
+    median = float(np.median(np.abs(gaps)))
+    if median < 1e-6 or np.abs(gaps).min() < 1e-6:
+        n = int(np.argmin(np.abs(gaps)))
+        raise Ar3dInputError(
+            f"DICOM slices {names[n]} and {names[n + 1]} lie at the same position (two series under one uid?)", path
+        )
+    deviation = np.abs(np.abs(gaps) - median)
+    n = int(np.argmax(deviation))
+    if deviation[n] > _SLICE_TOLERANCE * median or np.sign(gaps).min() != np.sign(gaps).max():
+        raise Ar3dInputError(
+            f"DICOM slice spacing is not uniform: {abs(gaps[n]):.3g} mm between {names[n]} and {names[n + 1]}, "
+            f"{median:.3g} mm elsewhere (missing slices?)",
+            path,
+        )
 
 
 def _dicom_tags(file: Path) -> dict[str, str]:
@@ -302,15 +496,22 @@ def _describe_series(folder: Path, uid: str) -> str:
     return f"{uid} ({description!r}, {len(files)} slices)"
 
 
-def _volume_from_sitk(image: "SimpleITK.Image", shape: tuple[int, int, int], path: Path, meta: dict) -> Volume:
-    sitk = simpleitk()
+def _sitk_affine(image: "SimpleITK.Image | SimpleITK.ImageFileReader", path: Path) -> np.ndarray:
+    """The checked RAS+ affine of an image's (or a read header's) LPS direction, spacing and origin."""
     ndim = image.GetDimension()
     direction = np.array(image.GetDirection()).reshape(ndim, ndim)[:3, :3]
     spacing = np.array(image.GetSpacing()[:3])
     origin = np.array(image.GetOrigin()[:3])
     affine = np.eye(4)
-    affine[:3, :3] = _LPS @ direction * spacing  # scale column n by spacing n
-    affine[:3, 3] = _LPS @ origin
+    with np.errstate(all="ignore"):
+        affine[:3, :3] = _LPS @ direction * spacing  # scale column n by spacing n
+        affine[:3, 3] = _LPS @ origin
+    return _check_affine(path, affine)
+
+
+def _volume_from_sitk(image: "SimpleITK.Image", shape: tuple[int, int, int], path: Path, meta: dict) -> Volume:
+    sitk = simpleitk()
+    affine = _sitk_affine(image, path)
     array = sitk.GetArrayFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)  # (k, j, i) -> (i, j, k)
     return Volume(array, affine, str(path), meta)
 
@@ -318,6 +519,23 @@ def _volume_from_sitk(image: "SimpleITK.Image", shape: tuple[int, int, int], pat
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def describe_write_error(error: BaseException, folder: str | os.PathLike, nbytes: int = 0) -> str:
+    """Why a write into `folder` failed, in a few words; "no space left on the device (...)" when it is full.
+
+    A full disk shows as ENOSPC, as "No space left" in a library's message, or (ITK's NRRD writer
+    says only "failed to write") as less free space than the `nbytes` the write needed.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "no space left" in str(error).lower()
+    if full or (free is not None and free < nbytes):
+        sizes = ([f"{nbytes / 1e6:.1f} MB to write"] if nbytes else []) + ([f"{free / 1e6:.1f} MB free"] if free is not None else [])
+        return "no space left on the device" + (f" ({', '.join(sizes)})" if sizes else "")
+    return _first_line(error)
 
 
 # ---------------------------------------------------------------- writing
@@ -354,7 +572,7 @@ def write_volume(
             else:
                 _write_itk(tmp, data, affine)
     except (OSError, RuntimeError) as e:
-        raise Ar3dInputError(f"could not write the file ({_first_line(e)})", path) from e
+        raise Ar3dInputError(f"could not write the file: {describe_write_error(e, path.parent, data.nbytes)}", path) from e
     return path
 
 

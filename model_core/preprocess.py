@@ -20,6 +20,7 @@ import scipy.ndimage as ndi
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
 from .errors import Ar3dInputError
+from .io import check_labels
 
 MODALITIES = ("ct", "mri")
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])  # axis n runs along world axis n, increasing
@@ -267,8 +268,9 @@ def preprocess_volume(
 
     `image` is a `model_core.io.Volume` or a 3D array with its `affine`. `modality` is a hint for
     `guess_modality` (used when `cfg.intensity` is None). `labels`, on the image's grid, go through
-    the same reorientation and resampling with nearest-neighbour interpolation; float label maps
-    are rounded to integers. `source` names the file in error messages (default: the Volume's path).
+    the same reorientation and resampling with nearest-neighbour interpolation; they must be whole
+    numbers in 0..65535 (`model_core.io.check_labels`). `source` names the file in error messages
+    (default: the Volume's path).
     """
     if hasattr(image, "array") and hasattr(image, "affine"):
         array, affine = image.array, image.affine
@@ -296,19 +298,8 @@ def preprocess_volume(
 
 
 def as_label_array(labels: np.ndarray, source: str | None = None) -> np.ndarray:
-    """Integer label map of the smallest unsigned type that holds it (float maps are rounded)."""
-    labels = np.asarray(labels)
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)):
-            raise Ar3dInputError("label map has NaN or infinite values", source)
-        labels = np.rint(labels)
-    elif labels.dtype.kind not in "biu":
-        raise Ar3dInputError(f"label map has voxel type {labels.dtype}; need integers", source)
-    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
-    if low < 0:
-        raise Ar3dInputError(f"label map has negative label {low}", source)
-    dtype = np.uint8 if high < 2**8 else np.uint16 if high < 2**16 else np.uint32
-    return labels.astype(dtype)
+    """Integer label map (uint8 / uint16) after `model_core.io.check_labels`: whole numbers in 0..65535."""
+    return check_labels(labels, source)
 
 
 def _known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:

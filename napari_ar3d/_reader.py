@@ -3,6 +3,11 @@
 A volume opens as an image layer, except a label map (whole-number values in a file whose name
 says seg / label / mask), which opens as a labels layer on the same grid.
 
+napari calls `napari_get_reader` to ask whether a path is ours: it answers None for names it does
+not read (another plugin may), and never reads the file there. `read_layers` raises
+`Ar3dInputError` ("<path>: <problem>") for a bad file; napari wraps it in a `ReaderPluginError`,
+shows the message, and the viewer carries on with no layer added.
+
 The layer shows the volume in ITK order `(k, j, i)` and its `affine` holds the whole data-to-world
 transform (see `model_core.io.napari_affine`); `metadata["ar3d"]` keeps the source geometry.
 No torch here: `model_core.io` is imported inside the functions and imports only nibabel / SimpleITK.
@@ -33,8 +38,12 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
 
 
 def read_layers(path: str | list[str]) -> list[LayerData]:
-    """One image (or labels) layer per path; raises `Ar3dInputError` for a bad file."""
-    from model_core.io import read_volume, to_napari
+    """One image (or labels) layer per path; raises `Ar3dInputError` for a bad file.
+
+    Volumes with some NaN or infinite voxels open (they can be looked at); a label map with a
+    negative label or one above 65535 is refused (`model_core.io.check_labels`).
+    """
+    from model_core.io import check_labels, read_volume, to_napari
 
     layers = []
     for p in [path] if isinstance(path, (str, os.PathLike)) else path:
@@ -50,7 +59,8 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
         }
         kwargs = {"name": _layer_name(Path(p)), "affine": affine, "metadata": {"ar3d": geometry}}
         if _is_label_map(Path(p), volume.array):
-            layers.append((data.astype(np.int32, copy=False), kwargs, "labels"))
+            labels = check_labels(data, volume.path)  # uint8 / uint16 (k, j, i)
+            layers.append((labels.astype(np.int32, copy=False), kwargs, "labels"))
             continue
         kwargs["contrast_limits"] = contrast_limits(volume.array, volume.meta.get("modality"))
         kwargs["colormap"] = "gray"
@@ -63,6 +73,8 @@ def contrast_limits(array: np.ndarray, modality: str | None = None) -> tuple[flo
     step = max(1, round((array.size / 1_000_000) ** (1 / 3)))  # about a million voxels is plenty
     sample = array[::step, ::step, ::step].astype(np.float32).ravel()
     sample = sample[np.isfinite(sample)]
+    if not sample.size:  # the finite voxels all fall between the sampled ones
+        sample = array[np.isfinite(array)].astype(np.float32)
     low, high = float(sample.min()), float(sample.max())
     if modality == "CT" or (low <= -500 and high >= 500):  # air is -1000 HU, bone several hundred
         return CT_WINDOW

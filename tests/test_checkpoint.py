@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import random
+import re
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -170,7 +172,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "save_file", crash)
     new_state = {k: v + 1 for k, v in model.state_dict().items()}
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(Ar3dInputError, match="could not write the checkpoint: disk full"):
         save_checkpoint(target, new_state, config)
     after = load_checkpoint(target).state_dict
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -253,3 +255,158 @@ def test_list_shipped_reads_the_package_folder(tmp_path, monkeypatch):
     (tmp_path / "not-a-model").mkdir()
     assert ckpt.list_shipped() == ["my-model"]
     assert resolve_model("my-model") == tmp_path / "my-model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted checkpoints through every loader and every CLI command that takes a model
+
+
+PICKLE_NAMES = ["model.pt", "model.pth", "weights.ckpt", "pytorch_model.bin", "model.pkl", "model.safetensors"]
+
+
+@pytest.mark.parametrize("name", PICKLE_NAMES)
+def test_code_running_pickle_is_refused_unread_under_any_name(tmp_path, name):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(_encoder()[1]))
+    (folder / name).write_bytes(_marker_pickle(marker))
+    for target in (folder, folder / name):
+        with pytest.raises(CheckpointError, match="never unpickles") as error:
+            load_checkpoint(target)
+        assert str(error.value).startswith(str(folder)) and "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        ckpt.count_values(folder)
+    assert not marker.exists()
+
+
+def _tensor_name(state: dict) -> str:
+    return next(k for k in state if k.startswith("encoder.blocks.0.attn"))
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    state = load_checkpoint(folder).state_dict
+    edit(state, _tensor_name(state))
+    from safetensors.torch import save_file
+
+    save_file(state, folder / "model.safetensors")
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            config[section][field] = value
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _marker_into_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(_marker_pickle(folder.parent / "pwned"))
+
+
+# name: (what breaks, how, the error, "tensors" when only loaders that build the model notice it)
+BAD_CHECKPOINTS = {
+    "pickle_as_safetensors": (_marker_into_weights, "is a pickle, not safetensors; napari-ar3d never unpickles", ""),
+    "torch_zip": (lambda f: torch.save({"w": torch.zeros(2)}, f / "model.safetensors"), "torch.save zip archive", ""),
+    "truncated_weights": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-100]),
+                          "cannot read the weights", ""),
+    "unknown_architecture": (lambda f: _edit_config(f, architecture="resnet50"), "unknown architecture 'resnet50'", ""),
+    "unknown_objective": (lambda f: _edit_config(f, objective="diffusion"), "unknown objective 'diffusion'", ""),
+    "unknown_modality": (lambda f: _edit_config(f, modality="PET"), "modality 'PET' is not one of CT, MRI, any", ""),
+    "bad_encoder_setting": (lambda f: _edit_config(f, encoder__width="wide"), "bad encoder settings.*width", ""),
+    "unknown_encoder_key": (lambda f: _edit_config(f, encoder__colour=3), "unknown encoder config key", ""),
+    "bad_preprocessing": (lambda f: _edit_config(f, preprocessing={"spacing": [0, 1, 1]}), "bad preprocessing settings", ""),
+    "huge_encoder": (lambda f: _edit_config(f, encoder__width=2**20), r"at least [\d,]+ values but model.safetensors holds", "tensors"),
+    "wrong_shape": (lambda f: _edit_weights(f, lambda s, k: s.__setitem__(k, torch.zeros(3, 3))), r"wrong shape: (encoder\.)?blocks\.0", "tensors"),
+    "missing_tensor": (lambda f: _edit_weights(f, lambda s, k: s.pop(k)), r"missing: (encoder\.)?blocks\.0", "tensors"),
+    "extra_tensor": (lambda f: _edit_weights(f, lambda s, k: s.__setitem__("encoder.extra", torch.zeros(2))),
+                     r"unexpected: (encoder\.)?extra", "tensors"),
+    "wrong_dtype": (lambda f: _edit_weights(f, lambda s, k: s.__setitem__(k, s[k].to(torch.int32))),
+                    r"wrong type: (encoder\.)?blocks\.0\.\S+ is torch.int32 in the checkpoint, torch.float32 in the model", "tensors"),
+    "nan_weights": (lambda f: _edit_weights(f, lambda s, k: s[k].view(-1).__setitem__(0, float("nan"))),
+                    r"NaN or infinite values: (encoder\.)?blocks\.0", "tensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny segmentation model (for `segment`) and a tiny AR checkpoint (for `explain` and `finetune`)."""
+    from test_bad_inputs import make_corpus
+    from test_explain import tiny_objective
+    from test_infer import save_segmenter
+
+    root = tmp_path_factory.mktemp("good")
+    objective = tiny_objective(seed=1)
+    config = make_config(objective.encoder.cfg.to_dict(), objective="ar",
+                         heads={"next_token": {"type": "linear", "out_features": 8**3}},
+                         preprocessing={"spacing": [8.0] * 3})
+    corpus = make_corpus(root)
+    return {
+        "segment": save_segmenter(root / "seg", spacing=8.0, roi=32),
+        "ar": save_checkpoint(root / "ar", objective.state_dict(), config),
+        "image": corpus["image"],
+        "seg": corpus["seg"],
+    }
+
+
+COMMANDS = ["segment", "explain", "finetune", "info"]
+CHECKPOINT_TABLE = [(p, c) for p in BAD_CHECKPOINTS for c in COMMANDS if not (c == "info" and BAD_CHECKPOINTS[p][2])]
+
+
+@pytest.mark.parametrize("problem, command", CHECKPOINT_TABLE, ids=[f"{p}-{c}" for p, c in CHECKPOINT_TABLE])
+def test_bad_checkpoint_exits_2_with_one_line_naming_it(problem, command, good_checkpoints, tmp_path, capsys):
+    import shutil
+
+    from model_core.cli import main
+
+    break_it, message, _ = BAD_CHECKPOINTS[problem]
+    folder = tmp_path / "bad"
+    shutil.copytree(good_checkpoints["segment" if command == "segment" else "ar"], folder)
+    break_it(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    image, seg = good_checkpoints["image"], good_checkpoints["seg"]
+    args = {
+        "segment": ["segment", "--model", folder, image, "-o", out / "labels.nii.gz", "--device", "cpu"],
+        "explain": ["explain", image, "--model", folder, "--out", out / "maps", "--device", "cpu"],
+        "finetune": ["finetune", "--model", folder, "--train", image, seg, "--out", out / "model",
+                     "--steps", "1", "--roi", "32", "--device", "cpu"],
+        "info": ["info", folder],
+    }[command]
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith(f"ar3d: error: {folder}") and all("%|" in line for line in lines[:-1]), err
+    assert re.search(message, lines[-1]), lines[-1]
+    assert list(out.iterdir()) == [] and not (tmp_path / "pwned").exists()
+
+
+def test_huge_config_is_refused_before_allocating(tmp_path):
+    model, config = _encoder()
+    folder = save_checkpoint(tmp_path / "c", model.state_dict(), config)
+    _edit_config(folder, encoder__width=2**20, encoder__depth=64)  # 12 * 2^40 * 64 values: 3.4 PB as float32
+    checkpoint = load_checkpoint(folder)
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match=r"at least 844,\d{3},\d{3},\d{3},\d{3} values"):
+        ckpt.build_encoder(checkpoint)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 16 * 2**20
+
+
+def test_half_precision_weights_load_into_a_float_model(tmp_path):
+    model, config = _encoder()
+    folder = save_checkpoint(tmp_path / "c", {k: v.half() for k, v in model.state_dict().items()}, config)
+    encoder = ckpt.build_encoder(load_checkpoint(folder))
+    assert encoder.start_token.dtype == torch.float32
+    assert torch.allclose(encoder.start_token, model.start_token.half().float())
+
+
+def test_count_values_reads_only_the_header(tmp_path):
+    model, config = _encoder()
+    folder = save_checkpoint(tmp_path / "c", model.state_dict(), config)
+    assert ckpt.count_values(folder) == sum(t.numel() for t in model.state_dict().values())

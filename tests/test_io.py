@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -15,7 +16,10 @@ import SimpleITK as sitk
 from model_core import io
 from model_core.errors import Ar3dInputError
 from model_core.io import (
+    MAX_LABEL,
     Volume,
+    check_image,
+    check_labels,
     from_napari,
     napari_affine,
     ras_affine,
@@ -437,3 +441,70 @@ def test_dicom_folder_with_two_series_lists_them(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_volume(second[1]).array, ct[:, :, :3] + 7)  # a file picks its series
     with pytest.raises(Ar3dInputError, match="no DICOM series with uid '1.2.3'"):
         read_volume(tmp_path, series_uid="1.2.3")
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def test_check_labels_accepts_whole_numbers_and_names_bad_values() -> None:
+    np.testing.assert_array_equal(check_labels(np.array([[[0.0, 2.0, 300.0]]])), [[[0, 2, 300]]])
+    assert check_labels(np.array([[[0, 2]]], np.int64)).dtype == np.uint8
+    assert check_labels(np.array([[[0, MAX_LABEL]]], np.int64)).dtype == np.uint16
+    for array, problem in [
+        (np.array([[[0, -4]]], np.int16), "negative label -4"),
+        (np.array([[[0, MAX_LABEL + 1]]], np.int64), f"label {MAX_LABEL + 1}, above the largest supported label"),
+        (np.array([[[0.0, 1.25, 2.5]]]), r"2 voxels with fractions \(e.g. 1.25\)"),
+        (np.array([[[0.0, np.nan, np.inf]]]), "2 NaN or infinite voxels"),
+        (np.array([[[1 + 1j]]]), "voxel type complex128"),
+    ]:
+        with pytest.raises(Ar3dInputError, match=problem) as error:
+            check_labels(array, "seg.nii.gz")
+        assert str(error.value).startswith("seg.nii.gz: ")
+
+
+def test_check_image_counts_non_finite_voxels() -> None:
+    check_image(np.zeros(SHAPE, np.int16))
+    check_image(np.zeros(SHAPE, np.float32))
+    volume = np.zeros(SHAPE, np.float32)
+    volume[0, 0, :3], volume[1, 1, 1] = np.nan, -np.inf
+    with pytest.raises(Ar3dInputError, match=f"3 NaN and 1 infinite voxels \\(of {volume.size}\\)"):
+        check_image(volume, "ct.nii.gz")
+    with pytest.raises(Ar3dInputError, match=r"shape \(6, 7\)"):
+        check_image(np.zeros((6, 7), np.float32))
+
+
+@pytest.mark.parametrize("problem", ["zero voxel size", "infinite origin", "degenerate axes"])
+def test_header_geometry_must_be_finite_and_invertible(tmp_path: Path, problem: str) -> None:
+    affine = np.eye(4)
+    if problem == "zero voxel size":
+        affine[2, 2] = 0.0
+    elif problem == "infinite origin":
+        affine[0, 3] = np.inf
+    else:
+        affine[:3, :3] = [[1, 0, 0], [0, 1, 1], [0, 0, 1e-9]]  # j and k point (almost) the same way
+    content = bytearray(nib.Nifti1Image(_labels().astype(np.float32), np.eye(4)).to_bytes())
+    content[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1: the srow rows hold the affine
+    content[280:328] = affine[:3].astype("<f4").tobytes()
+    path = tmp_path / "a.nii"
+    path.write_bytes(bytes(content))
+    with pytest.raises(Ar3dInputError, match="not a finite invertible transform") as error:
+        read_volume(path)
+    assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("ndims", ["-3", "0", "100", "99999999999", "x"])
+def test_metaimage_with_impossible_ndims_is_refused_before_simpleitk(tmp_path: Path, ndims: str) -> None:
+    """SimpleITK segfaults (or aborts) on a negative or huge NDims: the header is checked first."""
+    path = write_volume(tmp_path / "a.mha", _labels(), np.eye(4), kind="labels")
+    path.write_bytes(path.read_bytes().replace(b"NDims = 3", f"NDims = {ndims}".encode(), 1))
+    with pytest.raises(Ar3dInputError, match=f"NDims = '{ndims}'; it must be 1 to 8"):
+        read_volume(path)
+
+
+def test_non_finite_itk_direction_is_refused_before_reading(tmp_path: Path) -> None:
+    """SimpleITK's Execute hangs on a direction holding 1e308: the header geometry is checked first."""
+    path = write_volume(tmp_path / "a.mha", _labels(), np.eye(4), kind="labels")
+    content = re.sub(rb"TransformMatrix = [^\n]*", b"TransformMatrix = 1 0 0 1e308 1 0 0 0 1", path.read_bytes())
+    path.write_bytes(content)
+    with pytest.raises(Ar3dInputError, match="not a finite invertible transform"):
+        read_volume(path)

@@ -225,3 +225,11 @@ def test_label_map_opens_as_labels_layer(make_napari_viewer, tmp_path: Path) -> 
     assert isinstance(seg, napari.layers.Labels) and not isinstance(image, napari.layers.Labels)
     np.testing.assert_array_equal(seg.data, labels.transpose(2, 1, 0).astype(np.int32))
     np.testing.assert_allclose(seg.affine.affine_matrix, image.affine.affine_matrix)
+
+
+def test_contrast_limits_when_the_sampled_voxels_are_all_nan() -> None:
+    """A big volume is sampled every few voxels; if only unsampled voxels are finite, they set the window."""
+    array = np.full((400, 400, 24), np.nan, np.float32)  # 3.8 M voxels: sampled every 2nd voxel from 0
+    array[1::2, 1::2, 1::2] = np.linspace(0.0, 100.0, 200 * 200 * 12).reshape(200, 200, 12)
+    low, high = contrast_limits(array)
+    assert 0.0 <= low < 1.0 and 99.0 < high <= 100.0
