@@ -10,6 +10,7 @@ class Ar3dInputError(ValueError):
 
     def __init__(self, message: str, path: str | os.PathLike | None = None):
         self.path = None if path is None else os.fspath(path)
+        self.problem = message  # the message without the path
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 

@@ -46,7 +46,7 @@ import torch
 from .checkpoint import CONFIG_FILE, build_encoder, load_checkpoint, load_into, resolve_model
 from .device import resolve_device
 from .errors import Ar3dInputError, CheckpointError
-from .io import Volume, check_image, read_volume, voxel_to_world, world_to_voxel, write_volume
+from .io import Volume, check_image, describe_write_error, read_volume, voxel_to_world, world_to_voxel, write_volume
 from .models import NextTokenHead, ViT3D, unpatchify
 from .objectives import normalize_patches
 from .preprocess import PreprocessConfig, Preprocessed, preprocess_volume, resample_to_grid
@@ -543,20 +543,32 @@ def _query_from_mm(query_mm: Sequence[float], volume: Volume) -> tuple[int, int,
 
 def _write_all(results: dict[str, np.ndarray], like: Volume, out_dir: Path) -> dict[str, Path]:
     """Write every map into a staging folder inside `out_dir`, then move them in: all files or none."""
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".explain-", dir=out_dir))
     like_nifti = like if like.meta.get("format") == "nifti" else None
     try:
         for name, array in results.items():
-            if array.ndim == 4:
-                _write_rgb(staging / f"{name}.nii.gz", array, like.affine, like_nifti)
-            else:
-                write_volume(staging / f"{name}.nii.gz", array, like.affine, kind="float", like=like_nifti)
+            try:
+                if array.ndim == 4:
+                    _write_rgb(staging / f"{name}.nii.gz", array, like.affine, like_nifti)
+                else:
+                    write_volume(staging / f"{name}.nii.gz", array, like.affine, kind="float", like=like_nifti)
+            except OSError as exc:  # named by the file the user asked for, not the staging copy
+                problem = describe_write_error(exc, out_dir, array.nbytes)
+                raise Ar3dInputError(f"could not write the file: {problem}", out_dir / f"{name}.nii.gz") from exc
+            except Ar3dInputError as exc:
+                raise Ar3dInputError(exc.problem, out_dir / f"{name}.nii.gz") from exc
         written = {}
         for name in results:
             written[name] = out_dir / f"{name}.nii.gz"
             os.replace(staging / f"{name}.nii.gz", written[name])
         return written
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)  # only the folder this call made: nothing half-written
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -371,3 +371,30 @@ def test_cli_segment_prints_the_out_of_memory_fallback(tmp_path, monkeypatch, ca
                     "CUDA out of memory with 1 window per batch; falling back to CPU"):
         assert f"ar3d: warning: {scan}: {message}" in err, err
     assert "Traceback" not in err and (tmp_path / "seg.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("maps", ["attention,prediction,surprise,pca", "pca"])  # pca: nibabel writes the RGB map
+def test_explain_onto_a_full_tmpfs_names_the_map_and_writes_nothing(tiny_disk, tmp_path, capsys, maps):
+    from test_explain import P, SPACING, ct_volume, tiny_objective
+
+    from model_core.preprocess import PreprocessConfig
+
+    objective = tiny_objective(seed=1)
+    config = make_config(
+        objective.encoder.cfg.to_dict(), objective="ar",
+        heads={"next_token": {"type": "linear", "out_features": P**3}},
+        preprocessing=PreprocessConfig(spacing=(SPACING,) * 3).to_dict(),
+        provenance={"sequence": {"kinds": ["spatial"], "crop": 32, "slab": 16, "stride": 8, "n_sub": 4}},
+    )
+    model = save_checkpoint(tmp_path / "tiny-ar", objective.state_dict(), config)
+    scan = write_volume(tmp_path / "ct.nii.gz", ct_volume(), np.diag([SPACING] * 3 + [1.0]), kind="float")
+    disk = tiny_disk(64 * 1024)  # less than the four maps need
+    out = disk / "maps"
+    code = main(["explain", str(scan), "--model", str(model), "--out", str(out), "--query", "20,18,15",
+                 "--maps", maps, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"ar3d: error: {out}/") and ".explain-" not in line, line
+    _assert_disk_full_error(line, out)
+    assert list(disk.iterdir()) == []  # no map, no staging folder, no empty output folder
