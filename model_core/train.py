@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
@@ -182,7 +183,13 @@ def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
 
 
 def _seed_worker(worker_id: int, base_seed: int) -> None:
-    """DataLoader worker seeding: torch, numpy and python random from (base_seed, worker id)."""
+    """DataLoader worker set-up: seeds from (base_seed, worker id); Ctrl-C and SIGTERM are left to the main process.
+
+    `timeout`, a scheduler or Ctrl-C signal the whole process group; a worker that died of it would
+    make the main process fail instead of stopping cleanly and saving (it stops the workers itself).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = (base_seed + 1000003 * worker_id) % 2**32
     np.random.seed(seed)
     random.seed(seed)

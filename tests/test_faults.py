@@ -118,6 +118,24 @@ def test_kill_during_pretrain_leaves_a_resumable_checkpoint(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.log", "straight"]  # no temporary folder
 
 
+def test_sigterm_to_the_process_group_stops_pretrain_cleanly_with_workers(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    proc = start_cli(*PRETRAIN, "--steps", "100000", "--ckpt-every", "4", "--workers", "2", "--out", run, log=log)
+    deadline = time.monotonic() + 60
+    while saved_step(run) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # as `timeout` or a cluster scheduler sends it, workers included
+    assert proc.wait(timeout=30) == 130, log.read_text()  # 130: stopped by a signal, after saving
+    text = log.read_text()
+    assert "stopping after this step" in text and "killed by signal" not in text, text
+    state = load_train_state(run)
+    assert state is not None and state.step == load_checkpoint(run).config["provenance"]["steps"]
+    assert f"stopped at step {state.step}; checkpoint: {run}" in text
+    logged = [int(line.split(",")[0]) for line in (run / "loss_log.csv").read_text().splitlines()[1:]]
+    assert logged[-1] == state.step
+
+
 def _write_pair(folder: Path) -> tuple[Path, Path]:
     ph = make_ct_abdomen(0, shape=(48, 40, 24))
     image = write_volume(folder / "ct.nii.gz", ph.images["ct"], ph.affine, kind="float")
