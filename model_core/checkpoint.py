@@ -140,6 +140,7 @@ def save_checkpoint(
         tmp.mkdir()
         _write_json(tmp / CONFIG_FILE, config)
         save_file(_cpu_tensors(state_dict), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)  # safetensors makes it 0600
         _fsync(tmp / WEIGHTS_FILE)
         if train_state is not None:
             _write_train_state(tmp / TRAIN_STATE_DIR, train_state)

@@ -410,3 +410,13 @@ def test_count_values_reads_only_the_header(tmp_path):
     model, config = _encoder()
     folder = save_checkpoint(tmp_path / "c", model.state_dict(), config)
     assert ckpt.count_values(folder) == sum(t.numel() for t in model.state_dict().values())
+
+
+def test_weights_get_the_same_permissions_as_the_config(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = save_checkpoint(tmp_path / "c", {"w": torch.zeros(2)}, make_config(ViT3DConfig.preset("tiny").to_dict()))
+    finally:
+        os.umask(old)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (folder / "config.json").stat().st_mode & 0o777 == 0o644
