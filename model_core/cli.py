@@ -352,6 +352,7 @@ _DEMO_FILES = {  # file key -> what it holds
     "truth": "its true labels",
     "truth_names": "their names",
     "segmentation": "labels predicted by the model",
+    "segmentation_names": "their class names",
     "uncertainty": "entropy of the prediction (0 certain, 1 uniform)",
     "attention": "where the encoder looks from the liver voxel",
     "prediction": "next-token prediction of each patch",
@@ -570,14 +571,15 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .finetune import SCRATCH, FinetuneConfig, class_names_beside, finetune
+    from .finetune import SCRATCH, FinetuneConfig, finetune
+    from .io import read_label_names
     from .progress import Cancelled
 
     if args.model != SCRATCH and (args.config or args.overrides):
         raise Ar3dInputError("--config and --set choose the encoder for --model scratch only")
     names: dict[int, str] = {}
     for _, seg in args.train:
-        names = {**class_names_beside(seg), **names}
+        names = {**read_label_names(seg), **names}
     cfg = FinetuneConfig(
         mode=args.mode,
         annotation=args.annotation,
@@ -666,7 +668,8 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="3D images: NIfTI, NRRD, MHA/MHD or DICOM folders")
     p.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="a fine-tuned segmentation model")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT",
-                   help="label file for one input (.nii.gz, .nii, .nrrd, .mha); a folder for several")
+                   help="label file for one input (.nii.gz, .nii, .nrrd, .mha); a folder for several. "
+                        "The class names go beside each label file as <name>.labels.json")
     p.add_argument("--probabilities", action="store_true",
                    help="also write each class's probability (<name>_prob_<class>) and the uncertainty beside")
     p.add_argument("--modality", choices=("CT", "MRI"), help="modality hint for the intensity normalisation")
@@ -679,7 +682,7 @@ def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .infer import load_segmenter, segment
-    from .io import WRITE_SUFFIXES, read_volume, volume_format, write_volume
+    from .io import WRITE_SUFFIXES, read_volume, split_suffix, volume_format, write_label_names, write_volume
 
     for item in args.inputs:
         if not Path(item).exists():
@@ -700,12 +703,13 @@ def _segment(args: argparse.Namespace) -> int:
         written: list[Path] = []
         try:
             if args.probabilities:
-                suffix = _split_suffix(target)[1]
+                suffix = split_suffix(target)[1]
                 for name, prob in zip(["background", *result.classes], result.probabilities):
                     written.append(write_volume(f"{base}_prob_{_file_safe(name)}{suffix}", prob,
                                                 volume.affine, kind="float", like=volume))
                 written.append(write_volume(f"{base}_uncertainty{suffix}", result.uncertainty,
                                             volume.affine, kind="float", like=volume))
+            written.append(write_label_names(target, dict(enumerate(result.classes, 1))))
             written.append(write_volume(target, result.labels, volume.affine, kind="labels", like=volume))
         except BaseException:
             for path in written:  # the label map is written last: an input's files appear together or not at all
@@ -722,17 +726,19 @@ def _label_outputs(inputs: Sequence[str], output: Path, suffixes: Sequence[str])
     One input: `output` itself, e.g. out.nii.gz and out_prob_<class>.nii.gz. Several (or `output` is a
     folder): <output>/<input name>_seg.<ext> and <output>/<input name>_prob_<class>.<ext>.
     """
+    from .io import split_suffix
+
     if len(inputs) == 1 and not output.is_dir():
         if not output.name.lower().endswith(tuple(suffixes)):
             raise Ar3dInputError(f"the output must end with one of {', '.join(suffixes)} (or be a folder)", output)
         if not output.parent.is_dir():
             raise Ar3dInputError(f"folder {output.parent} does not exist", output)
-        return [(output, output.parent / _split_suffix(output)[0])]
+        return [(output, output.parent / split_suffix(output)[0])]
     if output.exists() and not output.is_dir():
         raise Ar3dInputError("with several inputs the output must be a folder, and this is a file", output)
     targets = []
     for item in inputs:
-        stem, suffix = _split_suffix(Path(item))
+        stem, suffix = split_suffix(Path(item))
         targets.append((output / f"{stem}_seg{suffix if suffix.lower() in suffixes else '.nii.gz'}", output / stem))
     names = [t.name for t, _ in targets]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -740,14 +746,6 @@ def _label_outputs(inputs: Sequence[str], output: Path, suffixes: Sequence[str])
         raise Ar3dInputError(f"several inputs would write {', '.join(duplicates)}; segment them into separate folders")
     output.mkdir(parents=True, exist_ok=True)
     return targets
-
-
-def _split_suffix(path: Path) -> tuple[str, str]:
-    name = path.name.rstrip("/")
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
-    return name, ""
 
 
 def _file_safe(name: str) -> str:
@@ -769,15 +767,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     import math
 
     from .evaluate import evaluate_volumes, mean_dice
-    from .finetune import class_names_beside
-    from .io import read_volume
+    from .io import read_label_names, read_volume
 
     labels = _label_values(args.labels) if args.labels else None
     if labels == "all":
         labels = None
     pred, truth = read_volume(args.pred), read_volume(args.truth)
     scores = evaluate_volumes(pred, truth, labels)
-    names = class_names_beside(args.truth)
+    names = read_label_names(args.truth)
 
     def number(x: float) -> float | None:
         return None if math.isnan(x) or math.isinf(x) else round(x, 4)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import Ar3dInputError
-from .io import simpleitk, ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_volume
+from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_labels_json, read_volume, simpleitk
 from .preprocess import PreprocessConfig, as_label_array, normalize_intensity, preprocess_volume, resample_to_grid
 from .progress import ProgressFn, report
 
@@ -269,16 +269,6 @@ def _is_dicom_series(folder: Path, files: list[str], max_files: int = 20) -> boo
             if f.read(132)[128:] == b"DICM":
                 return True
     return False
-
-
-def read_labels_json(path: Path) -> dict[int, str]:
-    """Label names from a labels.json ({"1": "liver", ...}); {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError) as e:
-        raise Ar3dInputError(f"labels file must map label values to names ({e})", path) from None
 
 
 # ---------------------------------------------------------------- reading and the cache

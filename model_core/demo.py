@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_volume, voxel_to_world, world_to_voxel, write_volume
+from .io import read_label_names, read_volume, voxel_to_world, world_to_voxel, write_label_names, write_volume
 from .progress import ProgressFn, report
 
 DEFAULT_SEGMENTER = "ar3d-ct-organs"
@@ -49,8 +49,7 @@ def write_phantom(out_dir: str | Path, *, seed: int = 0, progress: ProgressFn = 
         "truth": write_volume(out_dir / "ct_phantom_labels.nii.gz", phantom.labels, phantom.affine, kind="labels"),
     }
     names = {int(k): v for k, v in phantom.class_names.items()}
-    files["truth_names"] = out_dir / "ct_phantom_labels.json"
-    files["truth_names"].write_text(json.dumps(names, indent=1))
+    files["truth_names"] = write_label_names(files["truth"], names)
 
     report(progress, 1, 2, "reading back and checking geometry")
     image, labels = read_volume(files["image"]), read_volume(files["truth"])
@@ -117,6 +116,7 @@ def run_demo(
     seg = segment(model, image, device=device, progress=progress)
     files["segmentation"] = write_volume(out / "ct_phantom_seg.nii.gz", seg.labels, image.affine, kind="labels",
                                          like=image)
+    files["segmentation_names"] = write_label_names(files["segmentation"], dict(enumerate(seg.classes, 1)))
     files["uncertainty"] = write_volume(out / "ct_phantom_uncertainty.nii.gz", seg.uncertainty, image.affine,
                                         kind="float", like=image)
     timings["segment"] = time.perf_counter() - t
@@ -128,7 +128,7 @@ def run_demo(
     timings["explain"] = time.perf_counter() - t
 
     truth = read_volume(files["truth"]).array
-    truth_names = {int(k): v for k, v in json.loads(files["truth_names"].read_text()).items()}
+    truth_names = read_label_names(files["truth"])
     result.dice = class_dice(seg.labels, seg.classes, truth, truth_names)
     files["dice"] = out / "dice.json"
     files["dice"].write_text(json.dumps({"segmenter": segmenter, "seed": seed, "dice": result.dice}, indent=1))

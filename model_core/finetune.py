@@ -67,7 +67,6 @@ from .checkpoint import (
     resolve_model,
     save_checkpoint,
 )
-from .data import read_labels_json
 from .device import resolve_device
 from .errors import Ar3dInputError
 from .io import Volume, check_image, read_volume
@@ -781,8 +780,3 @@ def finetune(
         cancelled=result.cancelled, prepare_s=prepare_s, cache_s=cache_s, train_s=result.wall_time_s,
         wall_s=time.perf_counter() - t_start,
     )
-
-
-def class_names_beside(seg_path: str | os.PathLike) -> dict[int, str]:
-    """Label names from a labels.json ({"1": "liver", ...}) in the segmentation's folder, or {}."""
-    return read_labels_json(Path(seg_path).parent / "labels.json")

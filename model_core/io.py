@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
 import logging
 import os
 import re
@@ -109,6 +110,55 @@ def volume_format(path: str | os.PathLike) -> str | None:
     if name.endswith(DICOM_SUFFIXES):
         return "dicom"
     return None
+
+
+def split_suffix(path: str | os.PathLike) -> tuple[str, str]:
+    """("scan", ".nii.gz") for scan.nii.gz: a volume file's name without and with its (double) suffix."""
+    name = Path(path).name.rstrip("/")
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return name, ""
+
+
+# ---------------------------------------------------------------- class names of a label map
+
+LABEL_NAMES_SUFFIX = ".labels.json"  # seg.nii.gz -> seg.labels.json: {"1": "liver", ...}
+
+
+def label_names_path(seg_path: str | os.PathLike) -> Path:
+    """Where the class names of the label map `seg_path` are kept: `<name>.labels.json` beside it."""
+    return Path(seg_path).parent / (split_suffix(seg_path)[0] + LABEL_NAMES_SUFFIX)
+
+
+def read_labels_json(path: str | os.PathLike) -> dict[int, str]:
+    """Label names from a JSON file ({"1": "liver", ...}); {} when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise Ar3dInputError(f"labels file must map label values to names ({e})", path) from None
+
+
+def read_label_names(seg_path: str | os.PathLike) -> dict[int, str]:
+    """Class names of a label map: its own `<name>.labels.json`, else a `labels.json` in its folder, else {}."""
+    own = label_names_path(seg_path)
+    return read_labels_json(own if own.is_file() else Path(seg_path).parent / "labels.json")
+
+
+def write_label_names(seg_path: str | os.PathLike, names: dict[int, str]) -> Path:
+    """Write `<name>.labels.json` beside the label map `seg_path`, atomically; its path."""
+    target = label_names_path(seg_path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(names.items())}, indent=1) + "\n")
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise Ar3dInputError(f"could not write the file: {describe_write_error(e, target.parent)}", target) from e
+    return target
 
 
 def is_dicom_dir(path: str | os.PathLike, max_files: int = 20) -> bool:

@@ -1,7 +1,8 @@
 """napari reader: CT / MRI volumes (NIfTI, NRRD, MHA/MHD, DICOM folder) as layers in LPS world mm.
 
 A volume opens as an image layer, except a label map (whole-number values in a file whose name
-says seg / label / mask), which opens as a labels layer on the same grid.
+says seg / label / mask), which opens as a labels layer on the same grid, with its class names in
+the layer's `features` ("index", "class") when a `<name>.labels.json` or `labels.json` is beside it.
 
 napari calls `napari_get_reader` to ask whether a path is ours: it answers None for names it does
 not read (another plugin may), and never reads the file there. `read_layers` raises
@@ -43,7 +44,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     Volumes with some NaN or infinite voxels open (they can be looked at); a label map with a
     negative label or one above 65535 is refused (`model_core.io.check_labels`).
     """
-    from model_core.io import check_labels, read_volume, to_napari
+    from model_core.io import check_labels, read_label_names, read_volume, to_napari
 
     layers = []
     for p in [path] if isinstance(path, (str, os.PathLike)) else path:
@@ -60,6 +61,10 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
         kwargs = {"name": _layer_name(Path(p)), "affine": affine, "metadata": {"ar3d": geometry}}
         if _is_label_map(Path(p), volume.array):
             labels = check_labels(data, volume.path)  # uint8 / uint16 (k, j, i)
+            names = read_label_names(p)  # <name>.labels.json beside it (as `ar3d segment` writes), or labels.json
+            if names:
+                values = sorted({0, *names})
+                kwargs["features"] = {"index": values, "class": [names.get(v, "background") for v in values]}
             layers.append((labels.astype(np.int32, copy=False), kwargs, "labels"))
             continue
         kwargs["contrast_limits"] = contrast_limits(volume.array, volume.meta.get("modality"))

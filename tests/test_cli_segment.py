@@ -83,6 +83,10 @@ def test_segment_one_input_writes_labels_in_its_geometry(model, scans, tmp_path,
     assert labels.shape == image.shape
     assert np.allclose(labels.affine, image.affine, atol=1e-5)
     assert labels.array.dtype == np.uint8 and set(np.unique(labels.array)) <= {0, 1, 2}
+    assert json.loads((tmp_path / "labels.labels.json").read_text()) == {"1": "liver", "2": "spleen"}
+
+    code, stdout, _ = run(capsys, "evaluate", "--pred", out, "--truth", out, "--json")  # names from beside the file
+    assert code == 0 and {c["name"] for c in json.loads(stdout)["classes"]} <= {"liver", "spleen"}
 
 
 def test_segment_several_inputs_into_a_folder_with_probabilities(model, scans, tmp_path, capsys):
@@ -92,10 +96,10 @@ def test_segment_several_inputs_into_a_folder_with_probabilities(model, scans, t
     assert code == 0
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted([
-        "ct_seg.nii.gz", "ct_prob_background.nii.gz", "ct_prob_liver.nii.gz", "ct_prob_spleen.nii.gz",
-        "ct_uncertainty.nii.gz",
-        "ct1_seg.nrrd", "ct1_prob_background.nrrd", "ct1_prob_liver.nrrd", "ct1_prob_spleen.nrrd",
-        "ct1_uncertainty.nrrd",
+        "ct_seg.nii.gz", "ct_seg.labels.json", "ct_prob_background.nii.gz", "ct_prob_liver.nii.gz",
+        "ct_prob_spleen.nii.gz", "ct_uncertainty.nii.gz",
+        "ct1_seg.nrrd", "ct1_seg.labels.json", "ct1_prob_background.nrrd", "ct1_prob_liver.nrrd",
+        "ct1_prob_spleen.nrrd", "ct1_uncertainty.nrrd",
     ])
     source = read_volume(scans["nrrd"])
     labels = read_volume(folder / "ct1_seg.nrrd")

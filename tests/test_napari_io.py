@@ -225,6 +225,26 @@ def test_label_map_opens_as_labels_layer(make_napari_viewer, tmp_path: Path) -> 
     assert isinstance(seg, napari.layers.Labels) and not isinstance(image, napari.layers.Labels)
     np.testing.assert_array_equal(seg.data, labels.transpose(2, 1, 0).astype(np.int32))
     np.testing.assert_allclose(seg.affine.affine_matrix, image.affine.affine_matrix)
+    assert "class" not in seg.features  # no names beside it
+
+
+def test_label_map_gets_its_class_names_from_beside_it(make_napari_viewer, tmp_path: Path) -> None:
+    """`<name>.labels.json` (as `ar3d segment` writes it) wins over the folder's labels.json."""
+    from model_core.io import write_label_names
+
+    labels = np.zeros((8, 8, 4), np.uint8)
+    labels[1:3, 1:3, 1] = 1
+    labels[4:6, 4:6, 2] = 3
+    seg_path = write_volume(tmp_path / "ct_seg.nii.gz", labels, np.eye(4), kind="labels")
+    (tmp_path / "labels.json").write_text('{"1": "from the folder"}')
+    viewer = make_napari_viewer()
+    seg, = viewer.open(str(seg_path), plugin="napari-ar3d")
+    assert list(seg.features["class"]) == ["background", "from the folder"]
+    written = write_label_names(seg_path, {1: "liver", 3: "kidney_left"})
+    assert written == tmp_path / "ct_seg.labels.json"
+    seg, = viewer.open(str(seg_path), plugin="napari-ar3d")
+    assert list(seg.features["index"]) == [0, 1, 3]
+    assert list(seg.features["class"]) == ["background", "liver", "kidney_left"]
 
 
 def test_contrast_limits_when_the_sampled_voxels_are_all_nan() -> None:
