@@ -760,21 +760,41 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, type=Path, metavar="P", help="predicted label map")
     p.add_argument("--truth", required=True, type=Path, metavar="T", help="reference label map on the same grid")
     p.add_argument("--labels", metavar="1,2", help="label values to score (default: every non-zero value found)")
+    p.add_argument("--by-name", action="store_true",
+                   help="pair the classes by name (from <file>.labels.json or labels.json beside each map), "
+                        "for maps that number them differently")
+    p.add_argument("--merge", action="append", default=[], metavar="NAME=1,2,3",
+                   help="with --by-name: join these truth values into the class NAME (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     import math
 
-    from .evaluate import evaluate_volumes, mean_dice
-    from .io import read_label_names, read_volume
+    from .evaluate import evaluate_volumes, mean_dice, truth_by_name
+    from .io import label_names_path, read_label_names, read_volume
 
     labels = _label_values(args.labels) if args.labels else None
     if labels == "all":
         labels = None
+    if args.merge and not args.by_name:
+        raise Ar3dInputError("--merge joins truth classes for --by-name; add --by-name")
     pred, truth = read_volume(args.pred), read_volume(args.truth)
+    names, unmatched = read_label_names(args.truth), []
+    if args.by_name:
+        names = read_label_names(args.pred)
+        truth_names = read_label_names(args.truth)
+        for path, found in ((args.pred, names), (args.truth, truth_names)):
+            if not found:
+                raise Ar3dInputError(f"--by-name needs class names beside the file ({label_names_path(path).name} "
+                                     "or labels.json)", path)
+        truth.array, matched, unmatched = truth_by_name(truth.array, truth_names, names,
+                                                        dict(_merge(item) for item in args.merge))
+        if not matched:
+            raise Ar3dInputError(f"no class of {args.pred} ({', '.join(names.values())}) has a namesake in "
+                                 f"{args.truth} ({', '.join(truth_names.values())}); --merge can join truth classes")
+        labels = [v for v in matched if labels is None or v in labels]
     scores = evaluate_volumes(pred, truth, labels)
-    names = read_label_names(args.truth)
 
     def number(x: float) -> float | None:
         return None if math.isnan(x) or math.isinf(x) else round(x, 4)
@@ -786,6 +806,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                          "hd95_mm": number(s.hd95_mm), "truth_voxels": s.truth_voxels, "pred_voxels": s.pred_voxels}
                         for s in scores],
             "mean_dice": number(mean_dice(scores)),
+            "not_in_truth": unmatched,
         }, indent=2))
         return 0
     print(f"{'label':>5}  {'name':<20} {'dice':>6} {'hd95_mm':>8} {'truth':>9} {'pred':>9}")
@@ -793,6 +814,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{s.label:>5}  {names.get(s.label, ''):<20} {s.dice:>6.3f} {s.hd95_mm:>8.2f} "
               f"{s.truth_voxels:>9} {s.pred_voxels:>9}")
     print(f"mean Dice {mean_dice(scores):.3f} over {sum(not math.isnan(s.dice) for s in scores)} classes")
+    if unmatched:
+        print(f"not scored (no truth class of that name): {', '.join(unmatched)}")
     return 0
 
 

@@ -102,6 +102,32 @@ def evaluate_volumes(pred: Volume, truth: Volume, labels: Sequence[int] | None =
     return evaluate_labels(pred_labels, truth_labels, voxel_spacing(truth.affine), labels)
 
 
+def truth_by_name(
+    truth: np.ndarray,
+    truth_names: dict[int, str],
+    pred_names: dict[int, str],
+    merge: dict[str, Sequence[int]] | None = None,
+) -> tuple[np.ndarray, list[int], list[str]]:
+    """The truth renumbered to the prediction's label values by class name, for maps numbered differently.
+
+    merge: class name -> truth values joined into it first (e.g. {"vertebrae": [26, 27, ..., 33]}).
+    Returns (truth with the prediction's values, the prediction's values that have a truth class,
+    the prediction's class names that have none). Truth classes the prediction lacks become 0.
+    """
+    by_name = {name: [value] for value, name in truth_names.items()}
+    by_name.update({name: [int(v) for v in values] for name, values in (merge or {}).items()})
+    size = max([int(truth.max()), *(v for values in by_name.values() for v in values)]) + 1
+    lut = np.zeros(size, dtype=np.uint16)
+    matched, missing = [], []
+    for value, name in sorted(pred_names.items()):
+        if name in by_name:
+            lut[by_name[name]] = value
+            matched.append(value)
+        else:
+            missing.append(name)
+    return lut[as_label_array(truth)], matched, missing
+
+
 def mean_dice(scores: Sequence[ClassScore]) -> float:
     """Mean Dice over the classes present in the prediction or the truth (NaN if none)."""
     values = [s.dice for s in scores if not math.isnan(s.dice)]

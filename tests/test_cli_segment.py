@@ -179,3 +179,31 @@ def test_segment_bad_inputs_exit_2_and_write_nothing(problem, model, scans, tmp_
     code, _, err = run(capsys, "segment", *args, "--device", "cpu")
     assert_error(code, err, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_evaluate_by_name_pairs_classes_numbered_differently(tmp_path, capsys):
+    from model_core.io import write_label_names
+
+    truth = np.zeros((16, 16, 8), np.uint8)  # TotalSegmentator-style numbering, vertebrae by level
+    truth[2:6, 2:6, 2:6], truth[8:12, 2:6, 2:4], truth[8:12, 2:6, 4:6], truth[12:14, 10:14, 2:6] = 5, 31, 32, 2
+    pred = np.zeros_like(truth)  # the model's numbering: 1 liver, 2 vertebrae, 3 aorta
+    pred[2:6, 2:6, 2:6], pred[8:12, 2:6, 2:6], pred[0:2, 0:2, 0:2] = 1, 2, 3
+    t = write_volume(tmp_path / "truth.nii.gz", truth, np.eye(4), kind="labels")
+    p = write_volume(tmp_path / "pred.nii.gz", pred, np.eye(4), kind="labels")
+    write_label_names(t, {2: "kidney_right", 5: "liver", 31: "vertebrae_L1", 32: "vertebrae_T12"})
+    write_label_names(p, {1: "liver", 2: "vertebrae", 3: "aorta"})
+
+    code, out, _ = run(capsys, "evaluate", "--pred", p, "--truth", t, "--by-name", "--merge", "vertebrae=31,32", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert {c["name"]: c["dice"] for c in report["classes"]} == {"liver": 1.0, "vertebrae": 1.0}
+    assert report["not_in_truth"] == ["aorta"]
+
+    code, out, _ = run(capsys, "evaluate", "--pred", p, "--truth", t, "--by-name", "--json")  # no merge
+    assert {c["name"]: c["dice"] for c in json.loads(out)["classes"]} == {"liver": 1.0}
+
+    code, _, err = run(capsys, "evaluate", "--pred", p, "--truth", t, "--merge", "vertebrae=31,32")
+    assert_error(code, err, "--by-name")
+    (tmp_path / "pred.labels.json").unlink()
+    code, _, err = run(capsys, "evaluate", "--pred", p, "--truth", t, "--by-name")
+    assert_error(code, err, "pred.nii.gz", "pred.labels.json")
