@@ -16,7 +16,8 @@ own grid), scored with `model_core.evaluate` (Dice; HD95 in the JSON). Initialis
   fold (or `--unet-seconds`).
 
 Augmentation: flips (probability 0.5 per axis) for the brain tumour tasks, none for the spleen
-(mirroring swaps left and right organs); MONAI crops and intensity jitter for all.
+(mirroring swaps left and right organs); MONAI crops and intensity jitter for all. `--tta` also
+averages the 8 mirror images of each window at inference on the tasks trained with flips.
 
     python benchmarks/fewshot.py --quick                       # smoke check: one fold, few steps
     python benchmarks/fewshot.py --ar runs/ar --mae runs/mae --markdown fewshot.md --out fewshot.json
@@ -126,7 +127,7 @@ def truth_scores(pred: np.ndarray, truth: Volume, scored: dict[str, list[int]], 
 
 
 def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig, spacing, seconds: float,
-                  device: torch.device, seed: int) -> tuple[np.ndarray, list[str], dict]:
+                  device: torch.device, seed: int, tta: bool = False) -> tuple[np.ndarray, list[str], dict]:
     """Train MONAI's UNet for `seconds` on the same crops and loss; return labels on the test grid."""
     from monai.losses import MaskedDiceLoss
     from monai.networks.nets import UNet
@@ -164,7 +165,7 @@ def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig,
     train_s = time.perf_counter() - t0
     segmenter = Segmenter(model=net.eval(), classes=cmap.classes, preprocess=pre_cfg, roi=roi, modality="any",
                           config={})
-    result = segment(segmenter, read_volume(test_case.image), device=device)
+    result = segment(segmenter, read_volume(test_case.image), device=device, tta=tta)
     return result.labels, cmap.classes, {"steps": step, "loss": loss.item(), "train_s": round(train_s, 1)}
 
 
@@ -191,7 +192,8 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
                           modality=test.modality)
         seconds = time.perf_counter() - t0
         budget = budget or seconds
-        pred = segment(load_segmenter(out), read_volume(test.image), device=args.device, modality=test.modality)
+        pred = segment(load_segmenter(out), read_volume(test.image), device=args.device, modality=test.modality,
+                       tta=args.tta and cfg.flip_prob > 0)
         dice, hd = truth_scores(pred.labels, truth, task.scored, result.classes)
         runs.append(Run(task.name, init, test.id, dice, hd, seconds,
                         {"cache_s": round(result.cache_s, 1), "train_s": round(result.train_s, 1)}))
@@ -201,7 +203,7 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
         cfg = FinetuneConfig(labels=task.labels, merge=task.merge, roi=args.roi or 96, batch_size=2, seed=args.seed,
                              flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob)
         labels, classes, extra = unet_baseline(task, train_cases, test, cfg, spacing, budget or 60.0,
-                                               resolve_device(args.device), args.seed)
+                                               resolve_device(args.device), args.seed, args.tta and cfg.flip_prob > 0)
         dice, hd = truth_scores(labels, truth, task.scored, classes)
         runs.append(Run(task.name, "unet", test.id, dice, hd, extra["train_s"], extra))
         print(f"  {task.name} {test.id} unet: {fmt(dice)} ({budget:.0f} s budget, {extra['steps']} steps)", flush=True)
@@ -242,10 +244,12 @@ def main() -> None:
     parser.add_argument("--inits", default="ar,mae,scratch,unet", help="initialisations to run (default all available)")
     parser.add_argument("--tasks", default="brats_whole_tumor,brats_classes,spleen")
     parser.add_argument("--folds", type=int, help="only the first N folds of each task")
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps (default 400)")
-    parser.add_argument("--crops", type=int, default=16, help="cached crops per scan (default 16)")
+    parser.add_argument("--steps", type=int, default=800, help="fine-tuning steps (default 800)")
+    parser.add_argument("--crops", type=int, default=24, help="cached crops per scan (default 24)")
     parser.add_argument("--flip-prob", type=float,
                         help="flip probability per axis (default: 0.5 for the BraTS tasks, 0 for the spleen)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flips (`segment(tta=True)`, 8x the window time) for the tasks trained with flips")
     parser.add_argument("--roi", type=int, help="window edge in voxels (default 6 patches)")
     parser.add_argument("--spacing", type=float, help="model spacing in mm (default: the encoder's)")
     parser.add_argument("--scratch-config", default="tiny", help="encoder size from scratch when no --ar/--mae")

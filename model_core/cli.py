@@ -675,6 +675,9 @@ def _segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", choices=("CT", "MRI"), help="modality hint for the intensity normalisation")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring windows (default 0.25)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the 8 mirror images of each window (8x slower; only for models fine-tuned with "
+                        "flips: a mirror swaps left and right organs)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
 
 
@@ -697,7 +700,7 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             result = segment(segmenter, volume, device=args.device, sw_batch_size=args.sw_batch_size,
                              overlap=args.overlap, probabilities=args.probabilities, modality=args.modality,
-                             progress=bar)
+                             tta=args.tta, progress=bar)
         finally:
             bar.close()
         written: list[Path] = []

@@ -4,7 +4,8 @@
 1. preprocess as in training (`model_core.preprocess.preprocess_volume`): intensities to [0, 1]
    with the model's normalisation, axes to RAS, voxels to the model spacing;
 2. MONAI `sliding_window_inference` over the model grid: windows of the model's ROI, `overlap`,
-   Gaussian blending of the softmax probabilities, `sw_batch_size` windows per forward pass. The
+   Gaussian blending of the softmax probabilities, `sw_batch_size` windows per forward pass
+   (with test-time flips, `tta`, each window's probabilities are the mean over its mirror images). The
    windows run on `device` (the GPU when there is one), the stitched volume stays on the CPU. A
    volume smaller than a window is padded (and cropped back). Out of memory, the windows run
    again with half as many per batch, down to one, then on the CPU, each time with a warning;
@@ -100,6 +101,9 @@ def load_segmenter(name_or_dir: str | os.PathLike) -> Segmenter:
     return segmenter_from_checkpoint(load_checkpoint(resolve_model(name_or_dir)))
 
 
+FLIPS = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # the 8 mirror images of a window
+
+
 def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
     """Windows `sliding_window_inference` visits on a grid of `shape` (as MONAI's `dense_patch_slices`)."""
     n = 1
@@ -126,6 +130,7 @@ def segment(
     overlap: float = 0.25,
     probabilities: bool = False,
     modality: str | None = None,
+    tta: bool = False,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
 ) -> SegmentationResult:
@@ -135,6 +140,9 @@ def segment(
     sw_batch_size: windows per forward pass. overlap: fraction of a window shared with its neighbour.
     probabilities: also return the per-class probabilities (K+1 float32 maps of the input's size).
     modality: a hint ("CT", "MRI") for the intensity normalisation of models that guess it.
+    tta: test-time flips: average each window's probabilities over its 8 mirror images (8 times the
+        window time). Only for models fine-tuned with random flips (`FinetuneConfig.flip_prob`): a
+        model of left/right anatomy is trained without them, and a mirror would swap its classes.
     progress: `Progress(step, total, "segmenting")` per batch of windows; should_stop: polled per
         batch, raises `model_core.progress.Cancelled`.
     A model trained on another modality than the volume's gets a warning, not an error; so does
@@ -155,6 +163,7 @@ def segment(
             warnings.warn(f"{source}: looks like {kind} but the model was trained on {segmenter.modality}",
                           stacklevel=2)
     device = resolve_device(device)
+    flips = FLIPS if tta else FLIPS[:1]
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -163,7 +172,7 @@ def segment(
 
     t = time.perf_counter()
     probs = _windows_within_memory(segmenter, pre.array, device, sw_batch_size, overlap, progress, should_stop,
-                                   f"{volume.path}: " if volume.path else "")
+                                   f"{volume.path}: " if volume.path else "", flips)
     pre.array = None  # the image is no longer needed: free it before resampling back
     timings["windows"] = time.perf_counter() - t
 
@@ -183,6 +192,7 @@ def _windows_within_memory(
     progress: ProgressFn,
     should_stop: StopFn,
     prefix: str = "",
+    flips: tuple[tuple[int, ...], ...] = ((),),
 ) -> np.ndarray:
     """`_sliding_window`, run again after an out-of-memory error with half the windows per batch, down to
     one, then on the CPU; each retry is a warning and a `Progress` report whose message says so.
@@ -194,7 +204,7 @@ def _windows_within_memory(
     batch = sw_batch_size
     while True:
         try:
-            return _sliding_window(segmenter, image, device, batch, overlap, progress, should_stop)
+            return _sliding_window(segmenter, image, device, batch, overlap, progress, should_stop, flips)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             if not _out_of_memory(exc):
                 raise
@@ -229,8 +239,13 @@ def _sliding_window(
     overlap: float,
     progress: ProgressFn,
     should_stop: StopFn,
+    flips: tuple[tuple[int, ...], ...] = ((),),
 ) -> np.ndarray:
-    """Gaussian-blended softmax probabilities (K+1, X, Y, Z) float32 of a preprocessed (X, Y, Z) image."""
+    """Gaussian-blended softmax probabilities (K+1, X, Y, Z) float32 of a preprocessed (X, Y, Z) image.
+
+    flips: the spatial axes (0..2) mirrored in each pass over a window; its probabilities are the mean
+    of the passes, each mirrored back. ((),): one plain pass.
+    """
     model = segmenter.model.to(device).eval()
     amp = autocast_dtype(device)
     total = math.ceil(count_windows(image.shape, segmenter.roi, overlap) / sw_batch_size)
@@ -239,11 +254,16 @@ def _sliding_window(
     def predictor(windows: torch.Tensor) -> torch.Tensor:  # (b, 1, *roi) on `device`
         nonlocal done
         check_stop(should_stop)
-        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-            logits = model(windows)
+        probs = 0.0
+        for axes in flips:
+            dims = [2 + a for a in axes]
+            with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+                logits = model(windows.flip(dims) if dims else windows)
+            p = torch.softmax(logits.float(), dim=1)  # (b, K+1, *roi)
+            probs = probs + (p.flip(dims) if dims else p)
         done += 1
         report(progress, done, total, "segmenting")
-        return torch.softmax(logits.float(), dim=1)  # (b, K+1, *roi)
+        return probs / len(flips)  # (b, K+1, *roi)
 
     x = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # (1, 1, X, Y, Z)
     with torch.inference_mode():

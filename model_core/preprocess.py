@@ -26,6 +26,7 @@ MODALITIES = ("ct", "mri")
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])  # axis n runs along world axis n, increasing
 _CT_AIR_HU = -500.0  # voxels at or below this are air in a CT; MRI intensities never go this low
 _CT_AIR_FRACTION = 0.01  # a CT has at least 1% air voxels (outside the body, lungs, bowel gas)
+_MRI_BACKGROUND_FRACTION = 0.05  # a constant minimum on this share of the voxels is an MRI's air (see mri_background)
 
 
 # ---------------------------------------------------------------- geometry
@@ -162,13 +163,26 @@ class IntensityConfig:
         return cls(**_known_keys(cls, d, "intensity"))
 
 
+def mri_background(x: np.ndarray) -> float:
+    """The background value of an MRI: its minimum when at least 5% of the voxels hold it, else 0.
+
+    Raw scans store the air as 0; skull-stripped scans z-scored inside the brain (BraTS-style) store
+    it as one negative constant, which would otherwise count as foreground and pull the percentiles.
+    """
+    low = float(x.min())
+    if low != 0 and np.count_nonzero(x == low) >= _MRI_BACKGROUND_FRACTION * x.size:
+        return low
+    return 0.0
+
+
 def normalize_intensity(array: np.ndarray, cfg: IntensityConfig, *, source: str | None = None) -> np.ndarray:
     """Map raw intensities to float32 in [0, 1] by `cfg` (a new array; the input is untouched).
 
     NaN and +-Inf voxels are first replaced by the minimum of the finite voxels (background in CT
     and MRI alike). A volume with no finite voxel raises `Ar3dInputError` naming `source`.
-    MRI: percentiles are taken over the non-zero voxels (zero is the usual background); when they
-    coincide (one foreground value) the volume's min..max is used, and a constant volume gives zeros.
+    MRI: percentiles are taken over the voxels that are not background (`mri_background`: zero, or
+    the constant a skull-stripped, z-scored scan stores in its air); when they coincide (one
+    foreground value) the volume's min..max is used, and a constant volume gives zeros.
     """
     x = np.array(array, dtype=np.float32)  # a copy
     finite = np.isfinite(x)
@@ -179,7 +193,7 @@ def normalize_intensity(array: np.ndarray, cfg: IntensityConfig, *, source: str 
     if cfg.kind == "ct":
         low, high = cfg.window
     else:
-        foreground = x[x != 0]
+        foreground = x[x != mri_background(x)]
         low, high = np.percentile(foreground, cfg.percentiles) if foreground.size else (0.0, 0.0)
         if high <= low:
             low, high = float(x.min()), float(x.max())

@@ -84,6 +84,9 @@ def test_segment_one_input_writes_labels_in_its_geometry(model, scans, tmp_path,
     assert np.allclose(labels.affine, image.affine, atol=1e-5)
     assert labels.array.dtype == np.uint8 and set(np.unique(labels.array)) <= {0, 1, 2}
     assert json.loads((tmp_path / "labels.labels.json").read_text()) == {"1": "liver", "2": "spleen"}
+    tta = tmp_path / "tta.nii.gz"
+    code, _, _ = run(capsys, "segment", "--model", model, scans["ct1"], "-o", tta, "--tta", "--device", "cpu")
+    assert code == 0 and read_volume(tta).shape == image.shape
 
     code, stdout, _ = run(capsys, "evaluate", "--pred", out, "--truth", out, "--json")  # names from beside the file
     assert code == 0 and {c["name"] for c in json.loads(stdout)["classes"]} <= {"liver", "spleen"}

@@ -583,3 +583,20 @@ def test_shared_case_labels_stay_on_the_anatomy(shared_data, tmp_path):
     )
     lung = next(k for k, v in case.labels.items() if v == "lung_lower_lobe_left")
     assert data.image[data.labels == lung].mean() < 0.2 < data.image[data.labels == liver].mean()
+
+
+def test_mri_percentiles_skip_a_constant_background_of_a_z_scored_scan():
+    from model_core.preprocess import IntensityConfig, mri_background, normalize_intensity
+
+    rng = np.random.default_rng(0)
+    brain = rng.normal(0, 1, (20, 20, 20)).astype(np.float32)
+    x = np.full((40, 40, 40), brain.min() - 0.5, np.float32)  # z-scored inside the brain, air one negative constant
+    x[10:30, 10:30, 10:30] = brain
+    assert mri_background(x) == x.min()
+    out = normalize_intensity(x, IntensityConfig("mri"))
+    low, high = np.percentile(brain, (0.5, 99.5))
+    assert np.allclose(out[10:30, 10:30, 10:30], np.clip((brain - low) / (high - low), 0, 1), atol=1e-5)
+    assert (out[:10] == 0).all()
+    shifted = x - x.min()  # the same scan with its air at 0: the usual rule gives the same result
+    assert mri_background(shifted) == 0.0
+    assert np.allclose(normalize_intensity(shifted, IntensityConfig("mri")), out, atol=1e-5)

@@ -244,3 +244,32 @@ def test_other_runtime_errors_are_not_retried(threshold_model, phantom):
 
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         segment(replace(threshold_model, model=Broken()), volume, device="cpu", sw_batch_size=4)
+
+
+class Recording(torch.nn.Module):
+    """Wraps a model and keeps a copy of every batch of windows it sees."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return self.model(x)
+
+
+def test_test_time_flips_run_the_8_mirror_images_and_map_them_back(threshold_model, phantom):
+    volume = Volume(phantom.images["ct"], phantom.affine, "ct.nii.gz")
+    plain = segment(threshold_model, volume, device="cpu", sw_batch_size=1, probabilities=True)
+    recording = Recording(threshold_model.model)
+    flipped = segment(replace(threshold_model, model=recording), volume, device="cpu", sw_batch_size=1,
+                      probabilities=True, tta=True)
+    windows = count_windows(tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape)),
+                            threshold_model.roi, 0.25)
+    assert len(recording.inputs) == 8 * windows
+    first = recording.inputs[:8]
+    assert torch.equal(first[1], first[0].flip(2)) and torch.equal(first[7], first[0].flip([2, 3, 4]))
+    assert not torch.equal(first[1], first[0])  # the phantom is not mirror-symmetric: a wrong mapping back shows
+    # The threshold model is voxel-wise, so each mirrored pass mapped back gives the plain probabilities.
+    assert np.allclose(flipped.probabilities, plain.probabilities, atol=1e-4)
+    assert np.array_equal(flipped.labels, plain.labels)
