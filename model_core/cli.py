@@ -783,10 +783,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.merge and not args.by_name:
         raise Ar3dInputError("--merge joins truth classes for --by-name; add --by-name")
     pred, truth = read_volume(args.pred), read_volume(args.truth)
-    names, unmatched = read_label_names(args.truth), []
+    truth_names = read_label_names(args.truth)
+    names, unmatched = truth_names, []
     if args.by_name:
         names = read_label_names(args.pred)
-        truth_names = read_label_names(args.truth)
         for path, found in ((args.pred, names), (args.truth, truth_names)):
             if not found:
                 raise Ar3dInputError(f"--by-name needs class names beside the file ({label_names_path(path).name} "

@@ -81,11 +81,10 @@ def class_dice(
     pred: np.ndarray, pred_classes: list[str], truth: np.ndarray, truth_names: dict[int, str]
 ) -> dict[str, float]:
     """Dice of each predicted class (value k = pred_classes[k-1]) against the truth value of the same name."""
-    from .evaluate import dice
+    from .evaluate import dice, truth_by_name
 
-    by_name = {name: value for value, name in truth_names.items()}
-    return {name: round(dice(pred == k, truth == by_name[name]), 4)
-            for k, name in enumerate(pred_classes, start=1) if name in by_name}
+    truth, matched, _ = truth_by_name(truth, truth_names, dict(enumerate(pred_classes, start=1)))
+    return {pred_classes[k - 1]: round(dice(pred == k, truth == k), 4) for k in matched}
 
 
 def run_demo(

@@ -565,7 +565,6 @@ def _write_all(results: dict[str, np.ndarray], like: Volume, out_dir: Path) -> d
             os.replace(staging / f"{name}.nii.gz", written[name])
         return written
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)  # only the folder this call made: nothing half-written
         raise

@@ -44,7 +44,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     Volumes with some NaN or infinite voxels open (they can be looked at); a label map with a
     negative label or one above 65535 is refused (`model_core.io.check_labels`).
     """
-    from model_core.io import check_labels, read_label_names, read_volume, to_napari
+    from model_core.io import check_labels, read_label_names, read_volume, split_suffix, to_napari
 
     layers = []
     for p in [path] if isinstance(path, (str, os.PathLike)) else path:
@@ -58,7 +58,7 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
             "spacing": volume.spacing.tolist(),
             "modality": volume.meta.get("modality"),
         }
-        kwargs = {"name": _layer_name(Path(p)), "affine": affine, "metadata": {"ar3d": geometry}}
+        kwargs = {"name": split_suffix(p)[0], "affine": affine, "metadata": {"ar3d": geometry}}
         if _is_label_map(Path(p), volume.array):
             labels = check_labels(data, volume.path)  # uint8 / uint16 (k, j, i)
             names = read_label_names(p)  # <name>.labels.json beside it (as `ar3d segment` writes), or labels.json
@@ -94,11 +94,3 @@ def _is_label_map(path: Path, array: np.ndarray) -> bool:
     if np.issubdtype(array.dtype, np.integer):
         return True
     return bool(np.issubdtype(array.dtype, np.floating) and np.array_equal(array, np.round(array)))
-
-
-def _layer_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name

@@ -111,8 +111,7 @@ def model() -> ExplainModel:
     return as_model(tiny_objective())
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
+def save_tiny_ar(folder: Path) -> Path:
     """A tiny AR checkpoint in the format `ar3d pretrain` writes (encoder.* and head.* tensors)."""
     objective = tiny_objective(seed=1)
     config = make_config(
@@ -122,7 +121,12 @@ def checkpoint(tmp_path_factory) -> Path:
         preprocessing=PreprocessConfig(spacing=(SPACING,) * 3).to_dict(),
         provenance={"sequence": {"kinds": ["spatial"], "crop": 32, "slab": 16, "stride": 8, "n_sub": 4}},
     )
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-ar", objective.state_dict(), config)
+    return save_checkpoint(folder / "tiny-ar", objective.state_dict(), config)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_ar(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from model_core.checkpoint import (
 from model_core.cli import main
 from model_core.errors import Ar3dInputError
 from model_core.finetune import work_folder
-from model_core.io import Volume, write_volume
+from model_core.io import write_volume
 from model_core.models import ViT3DConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,18 +392,9 @@ def test_cli_segment_prints_the_out_of_memory_fallback(tmp_path, monkeypatch, ca
 
 @pytest.mark.parametrize("maps", ["attention,prediction,surprise,pca", "pca"])  # pca: nibabel writes the RGB map
 def test_explain_onto_a_full_tmpfs_names_the_map_and_writes_nothing(tiny_disk, tmp_path, capsys, maps):
-    from test_explain import P, SPACING, ct_volume, tiny_objective
+    from test_explain import SPACING, ct_volume, save_tiny_ar
 
-    from model_core.preprocess import PreprocessConfig
-
-    objective = tiny_objective(seed=1)
-    config = make_config(
-        objective.encoder.cfg.to_dict(), objective="ar",
-        heads={"next_token": {"type": "linear", "out_features": P**3}},
-        preprocessing=PreprocessConfig(spacing=(SPACING,) * 3).to_dict(),
-        provenance={"sequence": {"kinds": ["spatial"], "crop": 32, "slab": 16, "stride": 8, "n_sub": 4}},
-    )
-    model = save_checkpoint(tmp_path / "tiny-ar", objective.state_dict(), config)
+    model = save_tiny_ar(tmp_path)
     scan = write_volume(tmp_path / "ct.nii.gz", ct_volume(), np.diag([SPACING] * 3 + [1.0]), kind="float")
     disk = tiny_disk(64 * 1024)  # less than the four maps need
     out = disk / "maps"
