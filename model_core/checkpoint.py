@@ -157,9 +157,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     aside = _aside(target)
-    if target.exists():
-        os.rename(target, aside)
-    os.rename(tmp, target)
+    for attempt in range(3):
+        if target.exists():
+            os.rename(target, aside)
+        try:
+            os.rename(tmp, target)
+            break
+        except OSError:
+            # A reader's `_recover` may put the old checkpoint back between our two renames: set it aside again.
+            if attempt == 2 or not target.exists():
+                raise
     _fsync(target.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return target

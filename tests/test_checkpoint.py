@@ -200,6 +200,24 @@ def test_kill_between_renames_is_recovered(tmp_path):
     assert target.is_dir() and not (tmp_path / ".c.previous").exists()
 
 
+def test_a_reader_between_the_two_renames_does_not_break_the_save(tmp_path, monkeypatch):
+    model, config = _encoder()
+    target = save_checkpoint(tmp_path / "c", model.state_dict(), config)
+    new_state = {k: v + 1 for k, v in model.state_dict().items()}
+    rename, seen = os.rename, []
+
+    def rename_then_read(src, dst):
+        rename(src, dst)
+        if Path(dst).name == ".c.previous" and not seen:  # the old checkpoint is set aside: a reader comes now
+            seen.append(load_checkpoint(target))  # finds no "c" and puts the old one back (`_recover`)
+
+    monkeypatch.setattr(os, "rename", rename_then_read)
+    save_checkpoint(target, new_state, config)
+    assert seen and torch.equal(seen[0].state_dict["start_token"], model.start_token.detach())
+    assert torch.equal(load_checkpoint(target).state_dict["start_token"], new_state["start_token"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
 def test_train_state_round_trip(tmp_path):
     model, config = _encoder()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
