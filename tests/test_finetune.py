@@ -334,4 +334,5 @@ def test_head_mode_on_one_phantom_segments_the_liver_of_another(tmp_path):
     scores = {seed: _liver_dice(segmenter, seed) for seed in (0, 1, 2)}
     print(json.dumps({"finetune_s": round(elapsed, 1), "liver_dice": scores}))
     assert scores[0] >= 0.85  # the phantom it was trained on
-    assert min(scores[1], scores[2]) >= 0.7  # other phantoms (the measured figures are in the report)
+    # Other phantoms: the target is 0.9, not reached (0.74-0.84; benchmarks/phantom_finetune.py, docs/benchmarks.md).
+    assert min(scores[1], scores[2]) >= 0.7
