@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 from test_explain import tiny_objective
 from test_infer import save_segmenter
+from test_io import write_ct_slice
 
 from model_core.checkpoint import make_config, save_checkpoint
 from model_core.cli import main
@@ -116,22 +117,8 @@ def _write_dicom_slices(folder: Path, volume: np.ndarray, uid: str, name: str, z
         if k == crop:
             image = image[:-4, :]
         image.SetSpacing(pixel[k])
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{uid}.{k + 1}",
-            "0008|0060": "CT",
-            "0008|103e": name,
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000e": uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": f"0\\0\\{z[k]:.4f}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-        }
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
         files.append(folder / f"{name}_{k:03d}.dcm")
-        writer.SetFileName(str(files[-1]))
-        writer.Execute(image)
+        write_ct_slice(writer, image, files[-1], uid, k + 1, name, (0.0, 0.0, z[k]))
     return files
 
 

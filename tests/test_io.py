@@ -392,26 +392,32 @@ def write_dicom_series(
     writer.KeepOriginalImageUIDOn()
     files = []
     for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT image storage
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0008|0060": "CT",
-            "0008|103e": description,
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{x:.6f}" for x in position),
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0018|0050": str(spacing[2]),
-        }
-        for key, value in tags.items():
-            slice_.SetMetaData(key, value)
         files.append(folder / f"{description}_{k:03d}.dcm")
-        writer.SetFileName(str(files[-1]))
-        writer.Execute(slice_)
+        write_ct_slice(writer, image[:, :, k], files[-1], series_uid, k + 1, description, position,
+                       {"0018|0050": str(spacing[2])})
     return files
+
+
+def write_ct_slice(writer, slice_, path: Path, series_uid: str, number: int, description: str, position,
+                   extra_tags: dict[str, str] | None = None) -> None:
+    """Write one axial CT slice with the series tags a DICOM reader groups and orders by."""
+    tags = {
+        "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT image storage
+        "0008|0018": f"{series_uid}.{number}",
+        "0008|0060": "CT",
+        "0008|103e": description,
+        "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+        "0020|000e": series_uid,
+        "0020|0013": str(number),
+        "0020|0032": "\\".join(f"{x:.6f}" for x in position),
+        "0020|0037": "1\\0\\0\\0\\1\\0",
+        **(extra_tags or {}),
+    }
+    for key, value in tags.items():
+        slice_.SetMetaData(key, value)
+    writer.SetFileName(str(path))
+    writer.Execute(slice_)
 
 
 SERIES_A, SERIES_B = "1.2.826.0.1.3680043.2.1125.10", "1.2.826.0.1.3680043.2.1125.11"
