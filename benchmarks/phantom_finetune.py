@@ -28,12 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
+
 from model_core.finetune import FinetuneConfig, finetune
 from model_core.infer import Segmenter, load_segmenter, segment
 from model_core.io import Volume
 from model_core.models import ViT3DConfig
 from model_core.preprocess import IntensityConfig, PreprocessConfig, preprocess_volume
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
 TEST_TINY = ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)  # the tests' tiny encoder
 LIVER = 1
@@ -115,7 +116,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-seeds", default="11,12,13,14", help="unseen phantoms to segment")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     seeds = [0] + [int(s) for s in args.test_seeds.split(",")]
     runs = [(f"ar3d {args.mode} ({args.model}, {args.steps} steps)", ar3d_finetune)]
     if args.unet_steps:
