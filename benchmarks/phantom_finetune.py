@@ -53,7 +53,8 @@ def ar3d_finetune(args) -> tuple[Segmenter, float]:
     ph = make_ct_abdomen(0)
     pairs = [(Volume(ph.images["ct"], ph.affine), Volume(ph.labels, ph.affine))]
     spacing = (args.spacing,) * 3 if args.spacing else None
-    cfg = FinetuneConfig(labels=[LIVER], steps=args.steps, crops_per_scan=args.crops, roi=args.roi, spacing=spacing,
+    cfg = FinetuneConfig(labels=[LIVER], steps=args.steps, crops_per_scan=args.crops, points=args.points,
+                         roi=args.roi, spacing=spacing, zoom=args.zoom, rotate=args.rotate,
                          mode=args.mode, scratch_config=TEST_TINY, seed=args.seed, device="cpu")
     out = Path(tempfile.mkdtemp(prefix="phantom-")) / "m"
     t0 = time.perf_counter()
@@ -106,8 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="scratch", help="encoder to fine-tune: scratch (the tests' tiny config) or a name/folder")
     parser.add_argument("--mode", default="head", choices=("head", "full"))
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--crops", type=int, default=64, help="cached crops (head mode)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--crops", type=int, default=128, help="cached crops (head mode)")
+    parser.add_argument("--points", type=int, default=8192, help="voxels per crop per step (head mode)")
+    parser.add_argument("--zoom", type=float, default=0.15, help="ar3d: random zoom range of the crops")
+    parser.add_argument("--rotate", type=float, default=0.1, help="ar3d: random rotation of the crops (radians)")
     parser.add_argument("--roi", type=int, default=48, help="window edge in voxels")
     parser.add_argument("--spacing", type=float, default=4.0, help="model spacing in mm (0: the encoder's)")
     parser.add_argument("--unet-steps", type=int, default=0, help="also train the MONAI UNet reference this many steps")

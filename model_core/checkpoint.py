@@ -277,12 +277,11 @@ def check_model_size(checkpoint: Checkpoint) -> None:
     needed = cfg.in_channels * cfg.patch_size**3 * w + cfg.depth * (4 * w * w + 2 * hidden * w)
     decoder = (config.get("heads") or {}).get("segmentation", {}).get("decoder")
     if decoder is not None:
-        from .segmentation import build_decoder
+        from .segmentation import decoder_from_config
 
-        options = {k: v for k, v in decoder.items() if k not in ("kind", "num_classes")}
         try:
             with torch.device("meta"):
-                module = build_decoder(decoder.get("kind"), cfg, decoder.get("num_classes"), **options)
+                module = decoder_from_config(cfg, decoder)
         except (Ar3dInputError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"the segmentation decoder {decoder} cannot be built ({_first_line(exc)})",
                                   folder / CONFIG_FILE) from None

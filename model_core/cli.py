@@ -254,6 +254,14 @@ def _spacing(text: str) -> tuple[float, float, float]:
     return tuple(values * 3 if len(values) == 1 else values)
 
 
+def _ct_window(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise Ar3dInputError(f"--ct-window {text!r} must be two numbers LOW,HIGH in HU") from None
+    return low, high
+
+
 def _heads(objective_name: str, objective) -> dict:
     """What the checkpoint holds beside the encoder (and how to rebuild it)."""
     if objective_name == "ar":
@@ -552,6 +560,9 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
                        help="override one encoder field for --model scratch (repeatable)")
     model.add_argument("--spacing", metavar="MM", help="model voxel spacing (default: the encoder's, else 1.5)")
     model.add_argument("--roi", type=int, metavar="VOXELS", help="window edge (default 6 patches: 96 for 16^3)")
+    model.add_argument("--ct-window", metavar="LOW,HIGH",
+                       help="HU window of the CT input for --model scratch (default -160,240: soft tissue); "
+                            "a pretrained encoder keeps its own")
     run = p.add_argument_group("training")
     run.add_argument("--steps", type=int, help="optimizer steps (default 400 head, 300 full)")
     run.add_argument("--batch-size", type=int, default=2, help="crops per step (default 2)")
@@ -563,6 +574,9 @@ def _finetune_arguments(p: argparse.ArgumentParser) -> None:
                      help="continue a killed run from its work folder's last checkpoint (give the same options)")
     run.add_argument("--flip-prob", type=float, default=0.0,
                      help="probability of a flip along each axis (default 0: flips swap left and right)")
+    run.add_argument("--zoom", type=float, default=0.15, help="random scaling of each crop by 1 +- this (default 0.15)")
+    run.add_argument("--rotate", type=float, default=0.1, metavar="RADIANS",
+                     help="random rotation of each crop about each axis, up to this (default 0.1)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     run.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: where supported)")
@@ -593,6 +607,9 @@ def _finetune(args: argparse.Namespace) -> int:
         crops_per_scan=args.crops,
         ckpt_every=args.ckpt_every,
         flip_prob=args.flip_prob,
+        zoom=args.zoom,
+        rotate=args.rotate,
+        ct_window=_ct_window(args.ct_window) if args.ct_window else None,
         spacing=_spacing(args.spacing) if args.spacing else None,
         scratch_config=_encoder_config(args.config or "tiny", args.overrides),
         seed=args.seed,

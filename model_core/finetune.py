@@ -6,12 +6,17 @@ model.safetensors; config.json "classes" lists the K class names, label value k 
 
 Modes
 - "head": the encoder is frozen. Each training scan gets `crops_per_scan` augmented crops
-  (MONAI transforms: random crops near the foreground, optional flips, intensity scale and shift)
+  (MONAI transforms: random crops near the foreground, zoom and rotation, optional flips, intensity
+  scale and shift)
   whose encoder features are computed once; the light decoder then trains for many steps on this
   cache, each step on `points` sampled voxels of every crop (full-resolution tensors are what
   makes a 3D decoder slow on a CPU). Fast on a CPU.
 - "full": the UNETR decoder and the encoder train together on fresh augmented crops every step,
   with layer-wise learning-rate decay (0.75 per block from the top, as in AR-SSL4M / BEiT).
+
+Input: the encoder's spacing and intensity convention. A new (scratch) encoder on CT reads the
+soft-tissue window, -160..240 HU (`ct_window`), where organs differ by tens of HU rather than the
+0.01 they span in the full window.
 
 Annotation
 - "full": 0 is background, every other voxel is annotated.
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 from monai.transforms import (
     Compose,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
@@ -72,6 +78,7 @@ from .errors import Ar3dInputError
 from .io import Volume, check_image, read_volume
 from .models import ViT3D, ViT3DConfig
 from .preprocess import (
+    CT_SOFT_TISSUE_HU,
     IntensityConfig,
     PreprocessConfig,
     as_label_array,
@@ -116,6 +123,9 @@ class FinetuneConfig:
     pos_fraction: float = 0.67  # share of crops centred near a class voxel (the rest: on annotated background)
     flip_prob: float = 0.0  # probability of a flip along each axis (off: mirroring swaps left and right anatomy)
     intensity_jitter: float = 0.02  # scale by 1 +- this and shift by +- this (intensities in [0, 1]; 0.02 = 40 HU in CT)
+    zoom: float = 0.15  # random scaling of each crop by 1 +- this along each axis (0: off)
+    rotate: float = 0.1  # random rotation of each crop by up to this many radians about each axis (0: off)
+    ct_window: tuple[float, float] | None = None  # HU window of a new (scratch) encoder's CT input; None: soft tissue
     spacing: tuple[float, float, float] | None = None  # model voxel spacing; default the encoder's (else 1.5 mm)
     scratch_config: str | ViT3DConfig = "tiny"  # encoder size when starting from scratch
     seed: int = 0
@@ -142,6 +152,11 @@ class FinetuneConfig:
         for name in ("pos_fraction", "flip_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise Ar3dInputError(f"FinetuneConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("zoom", "rotate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise Ar3dInputError(f"FinetuneConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.ct_window is not None:
+            self.ct_window = IntensityConfig("ct", window=self.ct_window).window  # checked: (low, high), low < high
         if isinstance(self.labels, str) and self.labels != "all":
             raise Ar3dInputError(f"labels must be 'all' or a list of label values, got {self.labels!r}")
 
@@ -320,11 +335,14 @@ def prepare_scan(
 
 
 def augmentation(roi: Sequence[int], cfg: FinetuneConfig) -> Compose:
-    """MONAI transforms on {"image", "label", "fg", "bg"}: a crop around a class voxel (or background), flips, intensity."""
+    """MONAI transforms on {"image", "label", "fg", "bg"}: a crop around a class voxel (or background), zoom and
+    rotation, flips, intensity."""
     keys = ("image", "label")
     return Compose([
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(roi), pos=cfg.pos_fraction,
                                neg=1 - cfg.pos_fraction, num_samples=1, fg_indices_key="fg", bg_indices_key="bg"),
+        *([RandAffined(keys, prob=1.0, scale_range=(cfg.zoom,) * 3, rotate_range=(cfg.rotate,) * 3,
+                       mode=("bilinear", "nearest"), padding_mode="border")] if cfg.zoom or cfg.rotate else []),
         *[RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)],
         RandScaleIntensityd("image", factors=cfg.intensity_jitter, prob=1.0),
         RandShiftIntensityd("image", offsets=cfg.intensity_jitter, prob=1.0),
@@ -657,6 +675,9 @@ def finetune(
     names = dict(class_names or {})
 
     encoder, encoder_config, encoder_source = _encoder_source(model, cfg)
+    if cfg.ct_window is not None and encoder_source != SCRATCH:
+        raise Ar3dInputError(f"ct_window {cfg.ct_window} is for a new encoder; {encoder_source} keeps the input "
+                             "window it was pretrained with")
     p = encoder.cfg.patch_size
     roi = cfg.roi or 6 * p
     if roi % p:
@@ -692,7 +713,11 @@ def finetune(
             stacklevel=2,
         )
     if pre_cfg.intensity is None and len(kinds) == 1:
-        pre_cfg = PreprocessConfig(spacing=spacing, intensity=IntensityConfig(next(iter(kinds))))
+        (modality_kind,) = kinds
+        intensity = IntensityConfig(modality_kind)
+        if modality_kind == "ct" and encoder_source == SCRATCH:  # a new encoder: the window where organs differ
+            intensity = IntensityConfig("ct", window=cfg.ct_window or CT_SOFT_TISSUE_HU)
+        pre_cfg = PreprocessConfig(spacing=spacing, intensity=intensity)
 
     scans = []
     for n, (image, labels, image_name, seg_name) in enumerate(volumes):

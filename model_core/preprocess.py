@@ -24,6 +24,7 @@ from .io import check_labels
 
 MODALITIES = ("ct", "mri")
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])  # axis n runs along world axis n, increasing
+CT_SOFT_TISSUE_HU = (-160.0, 240.0)  # the radiologist's abdominal soft-tissue window (level 40, width 400)
 _CT_AIR_HU = -500.0  # voxels at or below this are air in a CT; MRI intensities never go this low
 _CT_AIR_FRACTION = 0.01  # a CT has at least 1% air voxels (outside the body, lungs, bowel gas)
 _MRI_BACKGROUND_FRACTION = 0.05  # a constant minimum on this share of the voxels is an MRI's air (see mri_background)

@@ -12,10 +12,12 @@ patch size p; its patch tokens become a (B, C, gx, gy, gz) grid (the start token
 - `LightDecoder`: for few-shot training on frozen, cached encoder features. Its input is the
   concatenation of 4 levels of token features (`feature_blocks(depth, 4)`, each layer-normalised
   without parameters): (B, 4C, gx, gy, gz), plus each patch's intensity mean and standard
-  deviation. A few convolutions at token resolution, trilinear upsampling to full resolution,
-  then a per-voxel refinement that also sees the image (its intensity and one 3x3x3 convolution
-  of it) sharpens boundaries. Trained on sampled voxels (`forward_points`), it is cheap enough to
-  train on a CPU.
+  deviation. A few convolutions at token resolution; then (with `mid` > 0 channels) a dense
+  branch at a quarter of the patch size that joins the upsampled token field with a strided
+  convolution of the image (local edges and texture the 32 mm token field cannot place); trilinear
+  upsampling to full resolution, then a per-voxel refinement that also sees the image (its
+  intensity and one 3x3x3 convolution of it) sharpens boundaries. Trained on sampled voxels
+  (`forward_points`), it is cheap enough to train on a CPU.
 
 `SegmentationModel(encoder, decoder)(x)` maps (B, 1, X, Y, Z) to logits (B, K+1, X, Y, Z): channel 0
 is background, channels 1..K the classes in the order of the checkpoint's "classes".
@@ -122,22 +124,42 @@ class LightDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, num_classes: int, patch_size: int, in_channels: int = 1, hidden: int = 64, refine: int = 16
+        self,
+        in_features: int,
+        num_classes: int,
+        patch_size: int,
+        in_channels: int = 1,
+        hidden: int = 64,
+        refine: int = 16,
+        mid: int = 16,
     ):
         super().__init__()
         if num_classes < 2:
             raise Ar3dInputError(f"num_classes counts the background and must be at least 2, got {num_classes}")
+        if mid < 0:
+            raise Ar3dInputError(f"mid is a number of channels (0: no mid-resolution branch), got {mid}")
         self.patch_size = patch_size
-        self.config = {"kind": "light", "num_classes": num_classes, "hidden": hidden, "refine": refine}
+        self.mid_stride = max(1, patch_size // 4)
+        self.config = {"kind": "light", "num_classes": num_classes, "hidden": hidden, "refine": refine, "mid": mid}
         self.coarse = nn.Sequential(
             nn.Conv3d(in_features + 2 * in_channels, hidden, 1), nn.GELU(),
             nn.Conv3d(hidden, hidden, 3, padding=1), nn.GELU(),
             nn.Conv3d(hidden, hidden, 3, padding=1), nn.GELU(),
             nn.Conv3d(hidden, refine, 1),
         )
+        if mid:
+            s = self.mid_stride
+            self.mid_image = nn.Conv3d(in_channels, mid, s, stride=s) if s > 1 else nn.Conv3d(in_channels, mid, 3, padding=1)
+            self.mid = nn.Sequential(
+                nn.Conv3d(refine + mid, mid, 3, padding=1), nn.GELU(),
+                nn.Conv3d(mid, mid, 3, padding=1), nn.GELU(),
+            )
+        else:
+            self.mid_image, self.mid = nn.Identity(), nn.Identity()
+        field = mid or refine  # channels of the field the refinement upsamples
         self.image = nn.Conv3d(in_channels, refine // 2, 3, padding=1)
         self.refine = nn.Sequential(
-            nn.Conv3d(refine + refine // 2 + in_channels, refine, 1), nn.GELU(), nn.Conv3d(refine, num_classes, 1)
+            nn.Conv3d(field + refine // 2 + in_channels, refine, 1), nn.GELU(), nn.Conv3d(refine, num_classes, 1)
         )
 
     def _coarse(self, image: Tensor, features: Tensor) -> Tensor:
@@ -152,21 +174,30 @@ class LightDecoder(nn.Module):
         std = (F.avg_pool3d(image * image, self.patch_size) - mean * mean).clamp_min(0).sqrt()
         return self.coarse(torch.cat([features.to(image.dtype), mean, std], dim=1))  # (B, refine, gx, gy, gz)
 
+    def _field(self, image: Tensor, features: Tensor) -> Tensor:
+        """The field the per-voxel refinement upsamples: (B, mid, X/s, Y/s, Z/s), or the token field when mid = 0."""
+        coarse = self._coarse(image, features)  # (B, refine, gx, gy, gz)
+        if not self.config["mid"]:
+            return coarse
+        local = self.mid_image(image)  # (B, mid, X/s, Y/s, Z/s)
+        up = F.interpolate(coarse, size=local.shape[2:], mode="trilinear", align_corners=False)
+        return self.mid(torch.cat([up, F.gelu(local)], dim=1))
+
     def forward(self, image: Tensor, features: Tensor) -> Tensor:
         """image (B, 1, X, Y, Z), features (B, 4C, gx, gy, gz) -> logits (B, K+1, X, Y, Z)."""
-        coarse = self._coarse(image, features)
-        up = F.interpolate(coarse, size=image.shape[2:], mode="trilinear", align_corners=False)  # (B, refine, X, Y, Z)
+        field = self._field(image, features)
+        up = F.interpolate(field, size=image.shape[2:], mode="trilinear", align_corners=False)  # (B, field, X, Y, Z)
         return self.refine(torch.cat([up, F.gelu(self.image(image)), image], dim=1))
 
     def forward_points(self, image: Tensor, features: Tensor, points: Tensor) -> Tensor:
         """Logits at voxels `points` (B, N), flat indices into (X, Y, Z): (B, K+1, N), equal to `forward` there."""
-        coarse = self._coarse(image, features)
+        field = self._field(image, features)
         B, C = image.shape[:2]
         size = torch.tensor(image.shape[2:], device=image.device)
         ijk = torch.stack(torch.unravel_index(points, tuple(image.shape[2:])), dim=-1)  # (B, N, 3)
         # grid_sample with align_corners=False puts voxel i of X at ((i + 0.5) / X) * 2 - 1, as F.interpolate does.
-        grid = ((ijk + 0.5) / size * 2 - 1).flip(-1).to(coarse.dtype)  # (B, N, 3) as (z, y, x)
-        up = F.grid_sample(coarse, grid[:, :, None, None], mode="bilinear", padding_mode="border", align_corners=False)
+        grid = ((ijk + 0.5) / size * 2 - 1).flip(-1).to(field.dtype)  # (B, N, 3) as (z, y, x)
+        up = F.grid_sample(field, grid[:, :, None, None], mode="bilinear", padding_mode="border", align_corners=False)
         # 3x3x3 neighbourhood of every point (zero outside the window, as the convolution's padding)
         padded = F.pad(image, (1, 1, 1, 1, 1, 1)).flatten(2)  # (B, C, (X+2)(Y+2)(Z+2))
         _X, Y, Z = (int(s) + 2 for s in image.shape[2:])
@@ -177,7 +208,7 @@ class LightDecoder(nn.Module):
         patches = padded.gather(2, index).reshape(B, C * 27, -1)  # (B, C*27, N), channel-major like the conv weight
         img = F.linear(patches.transpose(1, 2), self.image.weight.flatten(1), self.image.bias).transpose(1, 2)
         value = padded.gather(2, centre[:, None, :].expand(B, C, -1))  # (B, C, N)
-        x = torch.cat([up[..., 0, 0], F.gelu(img), value], dim=1).transpose(1, 2)  # (B, N, refine + refine//2 + C)
+        x = torch.cat([up[..., 0, 0], F.gelu(img), value], dim=1).transpose(1, 2)  # (B, N, field + refine//2 + C)
         mix, out = self.refine[0], self.refine[2]  # the 1x1 convolutions, applied as matrices (faster on points)
         x = F.gelu(F.linear(x, mix.weight.flatten(1), mix.bias))
         return F.linear(x, out.weight.flatten(1), out.bias).transpose(1, 2)  # (B, K+1, N)
@@ -233,7 +264,7 @@ class SegmentationModel(nn.Module):
 
 
 def build_decoder(kind: DecoderKind, cfg: ViT3DConfig, num_classes: int, **options) -> UNETRDecoder | LightDecoder:
-    """A decoder for an encoder of config `cfg`. options: light: hidden, refine; unetr: feature_size, norm_name.
+    """A decoder for an encoder of config `cfg`. options: light: hidden, refine, mid; unetr: feature_size, norm_name.
 
     A decoder's `config` attribute holds these arguments (as `kind`, `num_classes`, options) for config.json.
     """
@@ -245,12 +276,22 @@ def build_decoder(kind: DecoderKind, cfg: ViT3DConfig, num_classes: int, **optio
     raise Ar3dInputError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODER_KINDS)}")
 
 
+def decoder_from_config(cfg: ViT3DConfig, decoder_cfg: dict) -> UNETRDecoder | LightDecoder:
+    """Rebuild a decoder (random weights) from its `config` as saved in config.json.
+
+    A light decoder saved before the mid-resolution branch existed has no "mid": it is rebuilt without one.
+    """
+    options = {k: v for k, v in decoder_cfg.items() if k not in ("kind", "num_classes")}
+    if decoder_cfg.get("kind") == "light":
+        options.setdefault("mid", 0)
+    return build_decoder(decoder_cfg.get("kind"), cfg, decoder_cfg.get("num_classes"), **options)
+
+
 def model_from_config(encoder_cfg: dict, decoder_cfg: dict) -> SegmentationModel:
     """Rebuild a `SegmentationModel` (random weights) from config.json's encoder config and a decoder's `config`."""
     cfg = ViT3DConfig.from_dict(encoder_cfg)
-    options = {k: v for k, v in decoder_cfg.items() if k not in ("kind", "num_classes")}
     try:
-        decoder = build_decoder(decoder_cfg["kind"], cfg, int(decoder_cfg["num_classes"]), **options)
-    except (KeyError, TypeError, Ar3dInputError) as exc:
+        decoder = decoder_from_config(cfg, decoder_cfg)
+    except (KeyError, TypeError, ValueError, Ar3dInputError) as exc:
         raise CheckpointError(f"segmentation decoder config {decoder_cfg} is incomplete or wrong ({exc})") from None
     return SegmentationModel(ViT3D(cfg), decoder)

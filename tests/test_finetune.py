@@ -22,12 +22,14 @@ from model_core.checkpoint import (
 from model_core.errors import Ar3dInputError
 from model_core.finetune import (
     IGNORE,
+    CropDataset,
     FinetuneConfig,
     SegmentationObjective,
     check_pair,
     class_map,
     finetune,
     layer_decay_groups,
+    prepare_scan,
     work_folder,
 )
 from model_core.infer import load_segmenter, segment
@@ -165,6 +167,7 @@ def test_finetune_writes_a_complete_segmentation_checkpoint(tmp_path, mode):
     assert config["modality"] == "CT"
     assert config["preprocessing"]["spacing"] == [8.0, 8.0, 8.0]
     assert config["preprocessing"]["intensity"]["kind"] == "ct"
+    assert config["preprocessing"]["intensity"]["window"] == [-160.0, 240.0]  # scratch: the soft-tissue window
     head = config["heads"]["segmentation"]
     assert head["decoder"]["kind"] == ("light" if mode == "head" else "unetr") and head["roi"] == [32, 32, 32]
     prov = config["provenance"]
@@ -196,6 +199,39 @@ def test_finetune_from_a_pretrained_encoder_keeps_its_preprocessing(tmp_path):
     state = segmenter.model.encoder.state_dict()
     untouched = encoder.state_dict()  # head mode: the encoder is frozen
     assert all(torch.equal(state[k], untouched[k]) for k in state)
+
+
+def test_a_ct_window_is_for_a_new_encoder_only(tmp_path):
+    save_checkpoint(tmp_path / "enc", {f"encoder.{k}": v for k, v in ViT3D(TINY).state_dict().items()},
+                    make_config(TINY.to_dict(), objective="ar", modality="CT"))
+    with pytest.raises(Ar3dInputError, match=r"ct_window \(-100.0, 200.0\) is for a new encoder"):
+        finetune(tmp_path / "enc", [small_phantom(0)], tmp_path / "seg", quick(ct_window=(-100, 200), labels=[1]))
+    assert not (tmp_path / "seg").exists()
+    finetune("scratch", [small_phantom(0)], tmp_path / "new", quick(ct_window=(-100, 200), labels=[1]))
+    assert read_config(tmp_path / "new")["preprocessing"]["intensity"]["window"] == [-100.0, 200.0]
+    with pytest.raises(Ar3dInputError, match="low < high"):
+        quick(ct_window=(300, 200))
+
+
+@pytest.mark.parametrize("name", ["zoom", "rotate"])
+def test_zoom_and_rotation_must_be_below_one(name):
+    with pytest.raises(Ar3dInputError, match=f"FinetuneConfig.{name} must be in"):
+        quick(**{name: 1.5})
+
+
+def test_zoom_and_rotation_change_the_crops_but_keep_their_size_and_labels():
+    rng = np.random.default_rng(0)
+    image = rng.random((40, 40, 40), dtype=np.float32)
+    target = np.zeros((40, 40, 40), np.uint8)
+    target[10:30, 12:28, 8:30] = 1
+    target[0:4] = IGNORE
+    scan = prepare_scan(image, target, (24, 24, 24), "img", "seg")
+    plain = CropDataset([scan], (24,) * 3, quick(zoom=0.0, rotate=0.0, intensity_jitter=0.0), seed=1)[0]
+    warped = CropDataset([scan], (24,) * 3, quick(zoom=0.15, rotate=0.1, intensity_jitter=0.0), seed=1)[0]
+    assert warped["volumes"].shape == plain["volumes"].shape == (1, 24, 24, 24)
+    assert warped["labels"].shape == (1, 24, 24, 24)
+    assert set(np.unique(warped["labels"].numpy())) <= {0, 1, IGNORE}  # nearest: no blended label values
+    assert not torch.allclose(warped["volumes"], plain["volumes"])
 
 
 def test_sparse_scribbles_train(tmp_path):
@@ -325,14 +361,14 @@ def _liver_dice(segmenter, seed: int) -> float:
 def test_head_mode_on_one_phantom_segments_the_liver_of_another(tmp_path):
     ph = make_ct_abdomen(0)
     pairs = [(Volume(ph.images["ct"], ph.affine), Volume(ph.labels, ph.affine))]
-    cfg = FinetuneConfig(labels=[1], steps=600, crops_per_scan=64, roi=48, spacing=(4.0, 4.0, 4.0),
+    cfg = FinetuneConfig(labels=[1], steps=1000, crops_per_scan=128, points=8192, roi=48, spacing=(4.0, 4.0, 4.0),
                          scratch_config=TINY, device="cpu")
+    torch.set_num_threads(2)  # the "under a minute" is on this 2-core machine (conftest sets 1 per test)
     t0 = time.perf_counter()
     finetune("scratch", pairs, tmp_path / "m", cfg, class_names=CT_CLASSES)
     elapsed = time.perf_counter() - t0
     segmenter = load_segmenter(tmp_path / "m")
     scores = {seed: _liver_dice(segmenter, seed) for seed in (0, 1, 2)}
     print(json.dumps({"finetune_s": round(elapsed, 1), "liver_dice": scores}))
-    assert scores[0] >= 0.85  # the phantom it was trained on
-    # Other phantoms: the target is 0.9, not reached (0.74-0.84; benchmarks/phantom_finetune.py, docs/benchmarks.md).
-    assert min(scores[1], scores[2]) >= 0.7
+    assert scores[0] >= 0.9  # the phantom it was trained on
+    assert min(scores[1], scores[2]) >= 0.9  # unseen phantoms of the same generator

@@ -23,10 +23,10 @@ from model_core.segmentation import (
 TINY = {"patch_size": 8, "width": 48, "depth": 4, "heads": 2}
 
 
-def tiny_model(kind: str, num_classes: int = 3, **overrides) -> SegmentationModel:
+def tiny_model(kind: str, num_classes: int = 3, decoder: dict | None = None, **overrides) -> SegmentationModel:
     torch.manual_seed(0)
     cfg = ViT3DConfig(**{**TINY, **overrides})
-    return SegmentationModel(ViT3D(cfg), build_decoder(kind, cfg, num_classes))
+    return SegmentationModel(ViT3D(cfg), build_decoder(kind, cfg, num_classes, **(decoder or {})))
 
 
 def test_feature_blocks_follow_the_seed_and_scale_down():
@@ -62,8 +62,9 @@ def test_light_features_concatenate_four_levels():
         assert torch.allclose(model(x), model(x, features))
 
 
-def test_point_decoding_equals_dense_decoding():
-    model = tiny_model("light").double()
+@pytest.mark.parametrize("mid", [16, 0])
+def test_point_decoding_equals_dense_decoding(mid):
+    model = tiny_model("light", decoder={"mid": mid}).double()
     x = torch.rand(2, 1, 16, 24, 32, dtype=torch.float64)
     features = light_features(model.encoder, x)
     n = 16 * 24 * 32
@@ -91,6 +92,15 @@ def test_model_rebuilds_from_its_config():
         assert all(ours[k].shape == theirs[k].shape for k in ours)
     with pytest.raises(CheckpointError, match="decoder config"):
         model_from_config(model.encoder.cfg.to_dict(), {"kind": "mystery", "num_classes": 3})
+
+
+def test_a_light_decoder_saved_before_the_mid_branch_rebuilds_without_it():
+    model = tiny_model("light", decoder={"mid": 0})
+    old_config = {k: v for k, v in model.decoder.config.items() if k != "mid"}  # as config.json had it
+    rebuilt = model_from_config(model.encoder.cfg.to_dict(), old_config)
+    assert rebuilt.decoder.state_dict().keys() == model.decoder.state_dict().keys()
+    assert not any(k.startswith("mid") for k in rebuilt.decoder.state_dict())
+    assert any(k.startswith("mid") for k in tiny_model("light").decoder.state_dict())  # the default has it
 
 
 def _batch(model: SegmentationModel) -> dict[str, torch.Tensor]:
