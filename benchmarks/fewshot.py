@@ -8,7 +8,7 @@ Tasks (cases from `<data>/manifest.json`):
 
 Each fold trains on every case but one and segments the one left out (`model_core.segment`, on its
 own grid), scored with `model_core.evaluate` (Dice; HD95 in the JSON). Initialisations:
-- ar: the AR-pretrained encoder (`--ar DIR`), `ar3d finetune --mode head`;
+- ar: the AR-pretrained encoder (`--ar DIR` or a shipped name), `ar3d finetune --mode head` (or `--mode full`);
 - mae: the MAE-pretrained encoder (`--mae DIR`), same settings;
 - scratch: a randomly initialised encoder of the same size (of `--ar`'s, else `--scratch-config`);
 - unet: MONAI `UNet` trained from scratch on the same preprocessed scans and crops, with the same
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_core.checkpoint import read_config
+from model_core.checkpoint import read_config, resolve_model
 from model_core.data import cases_from_manifest
 from model_core.device import resolve_device
 from model_core.evaluate import evaluate_labels
@@ -182,7 +182,7 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
     for init, model in inits.items():
         if init == "unet":
             continue
-        cfg = FinetuneConfig(mode="head", labels=task.labels, merge=task.merge, steps=args.steps,
+        cfg = FinetuneConfig(mode=args.mode, labels=task.labels, merge=task.merge, steps=args.steps,
                              crops_per_scan=args.crops, roi=args.roi, spacing=args.spacing, scratch_config=scratch_cfg,
                              flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob,
                              seed=args.seed, device=args.device)
@@ -244,8 +244,10 @@ def main() -> None:
     parser.add_argument("--inits", default="ar,mae,scratch,unet", help="initialisations to run (default all available)")
     parser.add_argument("--tasks", default="brats_whole_tumor,brats_classes,spleen")
     parser.add_argument("--folds", type=int, help="only the first N folds of each task")
+    parser.add_argument("--mode", choices=("head", "full"), default="head",
+                        help="head: frozen encoder, light decoder (default); full: encoder + UNETR decoder, layer-wise lr decay")
     parser.add_argument("--steps", type=int, default=800, help="fine-tuning steps (default 800)")
-    parser.add_argument("--crops", type=int, default=24, help="cached crops per scan (default 24)")
+    parser.add_argument("--crops", type=int, default=24, help="cached crops per scan (default 24, head mode)")
     parser.add_argument("--flip-prob", type=float,
                         help="flip probability per axis (default: 0.5 for the BraTS tasks, 0 for the spleen)")
     parser.add_argument("--tta", action="store_true",
@@ -273,7 +275,7 @@ def main() -> None:
     for name in wanted:
         if name in ("ar", "mae"):
             if getattr(args, name):
-                inits[name] = getattr(args, name)
+                inits[name] = str(resolve_model(getattr(args, name)))  # a folder, or a shipped name such as ar3d-encoder
         elif name in ("scratch", "unet"):
             inits[name] = name if name == "scratch" else "unet"
     runs: list[Run] = []

@@ -41,3 +41,18 @@ def test_paired_dice_refuses_files_without_pairs(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps([_run("ar", "a", 0.8)]))
     with pytest.raises(SystemExit, match="no case scored by both ar and scratch"):
         paired_dice.main([str(tmp_path / "s.json")])
+
+
+@pytest.mark.slow
+def test_fewshot_quick_runs_a_shipped_encoder_by_name(shared_data, tmp_path):
+    """`fewshot.py --ar ar3d-encoder`: a shipped name works as well as a folder, and the JSON holds a real Dice."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "runs.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fewshot.py"), "--quick", "--data", str(shared_data),
+                    "--ar", "ar3d-encoder", "--inits", "ar", "--tasks", "brats_whole_tumor", "--out", str(out)],
+                   check=True, timeout=600)
+    (run,) = json.loads(out.read_text())
+    assert run["init"] == "ar" and run["case"] == "brats2015_pat0003"
+    assert 0.0 <= run["dice"]["whole_tumor"] <= 1.0 and run["seconds"] > 0
