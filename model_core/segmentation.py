@@ -139,7 +139,6 @@ class LightDecoder(nn.Module):
         if mid < 0:
             raise Ar3dInputError(f"mid is a number of channels (0: no mid-resolution branch), got {mid}")
         self.patch_size = patch_size
-        self.mid_stride = max(1, patch_size // 4)
         self.config = {"kind": "light", "num_classes": num_classes, "hidden": hidden, "refine": refine, "mid": mid}
         self.coarse = nn.Sequential(
             nn.Conv3d(in_features + 2 * in_channels, hidden, 1), nn.GELU(),
@@ -148,7 +147,7 @@ class LightDecoder(nn.Module):
             nn.Conv3d(hidden, refine, 1),
         )
         if mid:
-            s = self.mid_stride
+            s = max(1, patch_size // 4)  # the branch's stride: a quarter of the patch
             self.mid_image = nn.Conv3d(in_channels, mid, s, stride=s) if s > 1 else nn.Conv3d(in_channels, mid, 3, padding=1)
             self.mid = nn.Sequential(
                 nn.Conv3d(refine + mid, mid, 3, padding=1), nn.GELU(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,9 +48,6 @@ def test_paired_dice_refuses_files_without_pairs(tmp_path):
 @pytest.mark.slow
 def test_fewshot_quick_runs_a_shipped_encoder_by_name(shared_data, tmp_path):
     """`fewshot.py --ar ar3d-encoder`: a shipped name works as well as a folder, and the JSON holds a real Dice."""
-    import subprocess
-    import sys
-
     out = tmp_path / "runs.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fewshot.py"), "--quick", "--data", str(shared_data),
                     "--ar", "ar3d-encoder", "--inits", "ar", "--tasks", "brats_whole_tumor", "--out", str(out)],
