@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model_core.data.preprocess import PreprocessConfig  # noqa: E402
 from model_core.device import resolve_device  # noqa: E402
-from model_core.explain import (  # noqa: E402
-    DEFAULT_WINDOW,
+from model_core.inference.explain import (  # noqa: E402
     ExplainModel,
     attention_map,
     explain,
@@ -40,17 +40,17 @@ from model_core.explain import (  # noqa: E402
     prepare,
     surprise_map,
 )
-from model_core.io import read_volume, write_volume  # noqa: E402
-from model_core.models import ViT3D, ViT3DConfig  # noqa: E402
-from model_core.objectives import AutoregressiveObjective  # noqa: E402
-from model_core.preprocess import PreprocessConfig  # noqa: E402
+from model_core.io.volume import read_volume, write_volume  # noqa: E402
+from model_core.models.vit import ViT3D, ViT3DConfig  # noqa: E402
+from model_core.objectives.autoregressive import AutoregressiveObjective  # noqa: E402
+from model_core.vocabulary import PRETRAIN_WINDOW
 
 
 def shipped_config_model(device: torch.device, seed: int) -> ExplainModel:
     """A random-init AR model of the shipped config (tiny, patch 16, 1.5 mm, 128x128x32 windows)."""
     torch.manual_seed(seed)
     objective = AutoregressiveObjective(ViT3D(ViT3DConfig.preset("tiny")))
-    model = ExplainModel(objective.encoder, objective.head, PreprocessConfig(), DEFAULT_WINDOW, name="random tiny")
+    model = ExplainModel(objective.encoder, objective.head, PreprocessConfig(), PRETRAIN_WINDOW, name="random tiny")
     return model.to(device)
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.input is None:
-            from napari_ar3d.sample_data.phantoms import make_brain_mri
+            from model_core.data.phantoms import make_brain_mri
 
             shape = tuple(int(n) for n in args.shape.split(","))
             phantom = make_brain_mri(seed=args.seed, shape=shape)

@@ -7,7 +7,7 @@ Tasks (cases from `<data>/manifest.json`):
 - spleen: the TotalSegmentator CT cases whose labels.json names a spleen (silver labels).
 
 Each fold trains on every case but one and segments the one left out (`model_core.segment`, on its
-own grid), scored with `model_core.evaluate` (Dice; HD95 in the JSON). Initialisations:
+own grid), scored with `model_core.inference.evaluate` (Dice; HD95 in the JSON). Initialisations:
 - ar: the AR-pretrained encoder (`--ar DIR` or a shipped name), `ar3d finetune --mode head` (or `--mode full`);
 - mae: the MAE-pretrained encoder (`--mae DIR`), same settings;
 - scratch: a randomly initialised encoder of the same size (of `--ar`'s, else `--scratch-config`);
@@ -45,22 +45,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_core.checkpoint import read_config, resolve_model
-from model_core.data import cases_from_manifest
-from model_core.device import resolve_device
-from model_core.evaluate import evaluate_labels
-from model_core.finetune import (
-    CropDataset,
-    FinetuneConfig,
-    class_map,
-    dice_ce_loss,
-    finetune,
-    prepare_scan,
-)
-from model_core.infer import Segmenter, load_segmenter, segment
-from model_core.io import Volume, read_volume
-from model_core.models import ViT3DConfig
-from model_core.preprocess import (
+from model_core.checkpoint.store import read_config, resolve_model
+from model_core.data.finetuning import CropDataset, class_map, prepare_scan
+from model_core.data.preprocess import (
     IntensityConfig,
     PreprocessConfig,
     as_label_array,
@@ -68,12 +55,20 @@ from model_core.preprocess import (
     preprocess_volume,
     voxel_spacing,
 )
+from model_core.data.pretraining import cases_from_manifest
+from model_core.device import resolve_device
+from model_core.inference.evaluate import evaluate_labels
+from model_core.inference.segment import Segmenter, load_segmenter, segment
+from model_core.io.volume import Volume, read_volume
+from model_core.models.vit import ViT3DConfig
+from model_core.objectives.segmentation import dice_ce_loss
+from model_core.training.finetune import FinetuneConfig, finetune
 
 
 @dataclass
 class Task:
     name: str
-    cases: list  # model_core.data.Case
+    cases: list  # model_core.data.pretraining.Case
     labels: str | list[int]  # FinetuneConfig.labels
     merge: dict[str, list[int]]
     scored: dict[str, list[int]]  # reported class name -> truth label values it covers
@@ -138,13 +133,13 @@ def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig,
     cmap = class_map(present, names, cfg)
     kind = guess_modality(volumes[0][0].array, train_cases[0].modality)
     pre_cfg = PreprocessConfig(spacing=spacing, intensity=IntensityConfig(kind))
-    roi = (cfg.roi,) * 3
+    window = (cfg.window,) * 3
     scans = []
     for image, seg, case in volumes:
         labels = as_label_array(seg.array)
         pre = preprocess_volume(image, pre_cfg, labels=cmap.lut(int(labels.max()))[labels], source=case.image)
-        scans.append(prepare_scan(pre.array, pre.labels, roi, case.id, case.seg))
-    crops = CropDataset(scans, roi, cfg, seed)
+        scans.append(prepare_scan(pre.array, pre.labels, window, case.id, case.seg))
+    crops = CropDataset(scans, window, cfg, seed)
     torch.manual_seed(seed)
     K = len(cmap.classes)
     net = UNet(spatial_dims=3, in_channels=1, out_channels=K + 1, channels=(16, 32, 64, 128, 256),
@@ -163,7 +158,7 @@ def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig,
         optimizer.step()
         step += 1
     train_s = time.perf_counter() - t0
-    segmenter = Segmenter(model=net.eval(), classes=cmap.classes, preprocess=pre_cfg, roi=roi, modality="any",
+    segmenter = Segmenter(model=net.eval(), classes=cmap.classes, preprocess=pre_cfg, window=window, modality="any",
                           config={})
     result = segment(segmenter, read_volume(test_case.image), device=device, tta=tta)
     return result.labels, cmap.classes, {"steps": step, "loss": loss.item(), "train_s": round(train_s, 1)}
@@ -183,7 +178,7 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
         if init == "unet":
             continue
         cfg = FinetuneConfig(mode=args.mode, labels=task.labels, merge=task.merge, steps=args.steps,
-                             crops_per_scan=args.crops, roi=args.roi, spacing=args.spacing, scratch_config=scratch_cfg,
+                             crops_per_scan=args.crops, window=args.window, spacing=args.spacing, scratch_config=scratch_cfg,
                              flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob,
                              seed=args.seed, device=args.device)
         out = workdir / f"{task.name}_{test.id}_{init}"
@@ -200,7 +195,7 @@ def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: 
         print(f"  {task.name} {test.id} {init}: {fmt(dice)} ({seconds:.0f} s)", flush=True)
     if "unet" in inits:
         spacing = args.spacing or (tuple(read_config(scratch)["preprocessing"]["spacing"]) if scratch else (1.5,) * 3)
-        cfg = FinetuneConfig(labels=task.labels, merge=task.merge, roi=args.roi or 96, batch_size=2, seed=args.seed,
+        cfg = FinetuneConfig(labels=task.labels, merge=task.merge, window=args.window or 96, batch_size=2, seed=args.seed,
                              flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob)
         labels, classes, extra = unet_baseline(task, train_cases, test, cfg, spacing, budget or 60.0,
                                                resolve_device(args.device), args.seed, args.tta and cfg.flip_prob > 0)
@@ -252,7 +247,7 @@ def main() -> None:
                         help="flip probability per axis (default: 0.5 for the BraTS tasks, 0 for the spleen)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time flips (`segment(tta=True)`, 8x the window time) for the tasks trained with flips")
-    parser.add_argument("--roi", type=int, help="window edge in voxels (default 6 patches)")
+    parser.add_argument("--window", type=int, help="window edge in voxels (default 6 patches)")
     parser.add_argument("--spacing", type=float, help="model spacing in mm (default: the encoder's)")
     parser.add_argument("--scratch-config", default="tiny", help="encoder size from scratch when no --ar/--mae")
     parser.add_argument("--unet-seconds", type=float, help="UNet training time (default: the first init's time)")

@@ -1,7 +1,7 @@
 """Fine-tune on one CT phantom, segment the liver of other phantoms: the segmentation issue's test target.
 
 The issue asks for Dice >= 0.9 on another phantom of the same generator after fine-tuning on one
-(tiny config, CPU, under a minute). This runs that protocol for `model_core.finetune` (by default
+(tiny config, CPU, under a minute). This runs that protocol for `model_core.training.finetune` (by default
 the settings of the slow test `test_head_mode_on_one_phantom_segments_the_liver_of_another`) and,
 as a reference, for MONAI's UNet trained on crops of the same phantom on the same model grid, with
 optional random zoom. Both are scored the same way: `model_core.segment` on each phantom's own grid,
@@ -9,7 +9,7 @@ Dice of the liver. Phantom 0 is the training phantom; the others are unseen.
 
     python benchmarks/phantom_finetune.py                        # ar3d head mode, from scratch
     python benchmarks/phantom_finetune.py --unet-steps 800 --unet-zoom 0.15
-    python benchmarks/phantom_finetune.py --model ar3d-encoder --spacing 3 --roi 64
+    python benchmarks/phantom_finetune.py --model ar3d-encoder --spacing 3 --window 64
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
-
-from model_core.finetune import FinetuneConfig, finetune
-from model_core.infer import Segmenter, load_segmenter, segment
-from model_core.io import Volume
-from model_core.models import ViT3DConfig
-from model_core.preprocess import IntensityConfig, PreprocessConfig, preprocess_volume
+from model_core.data.phantoms import CT_CLASSES, make_ct_abdomen
+from model_core.data.preprocess import (
+    IntensityConfig,
+    PreprocessConfig,
+    preprocess_volume,
+)
+from model_core.inference.segment import Segmenter, load_segmenter, segment
+from model_core.io.volume import Volume
+from model_core.models.vit import ViT3DConfig
+from model_core.training.finetune import FinetuneConfig, finetune
 
 TEST_TINY = ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)  # the tests' tiny encoder
 LIVER = 1
@@ -54,7 +57,7 @@ def ar3d_finetune(args) -> tuple[Segmenter, float]:
     pairs = [(Volume(ph.images["ct"], ph.affine), Volume(ph.labels, ph.affine))]
     spacing = (args.spacing,) * 3 if args.spacing else None
     cfg = FinetuneConfig(labels=[LIVER], steps=args.steps, crops_per_scan=args.crops, points=args.points,
-                         roi=args.roi, spacing=spacing, zoom=args.zoom, rotate=args.rotate,
+                         window=args.window, spacing=spacing, zoom=args.zoom, rotate=args.rotate,
                          mode=args.mode, scratch_config=TEST_TINY, seed=args.seed, device="cpu")
     out = Path(tempfile.mkdtemp(prefix="phantom-")) / "m"
     t0 = time.perf_counter()
@@ -72,14 +75,14 @@ def unet(args) -> tuple[Segmenter, float]:
     spacing = args.spacing or 4.0
     pre_cfg = PreprocessConfig(spacing=(spacing,) * 3, intensity=IntensityConfig("ct"))
     ph = make_ct_abdomen(0)
-    roi = args.roi or 48
+    window = args.window or 48
     t0 = time.perf_counter()
     zooms = [np.ones(3)] + [rng.uniform(1 - args.unet_zoom, 1 + args.unet_zoom, 3) for _ in range(args.unet_copies)]
     volumes = []
     for zoom in zooms if args.unet_zoom else zooms[:1]:
         cfg = PreprocessConfig(spacing=tuple(spacing / zoom), intensity=pre_cfg.intensity)
         pre = preprocess_volume(Volume(ph.images["ct"], ph.affine), cfg, labels=(ph.labels == LIVER).astype(np.uint8))
-        pad = [(0, max(0, roi - n)) for n in pre.array.shape]
+        pad = [(0, max(0, window - n)) for n in pre.array.shape]
         volumes.append((np.pad(pre.array, pad), np.pad(pre.labels, pad)))
     net = UNet(3, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
@@ -88,10 +91,10 @@ def unet(args) -> tuple[Segmenter, float]:
         xs, ys = [], []
         for _ in range(2):
             image, labels = volumes[rng.integers(len(volumes))]
-            corner = [rng.integers(0, n - roi + 1) for n in image.shape]
-            window = tuple(slice(c, c + roi) for c in corner)
-            xs.append(image[window] * rng.uniform(0.98, 1.02) + rng.uniform(-0.02, 0.02))
-            ys.append(labels[window])
+            corner = [rng.integers(0, n - window + 1) for n in image.shape]
+            box = tuple(slice(c, c + window) for c in corner)
+            xs.append(image[box] * rng.uniform(0.98, 1.02) + rng.uniform(-0.02, 0.02))
+            ys.append(labels[box])
         x = torch.from_numpy(np.stack(xs)[:, None]).float()
         y = torch.from_numpy(np.stack(ys)[:, None].astype(np.int64))
         loss = loss_fn(net(x), y)
@@ -99,7 +102,7 @@ def unet(args) -> tuple[Segmenter, float]:
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - t0
-    return Segmenter(model=net.eval(), classes=["liver"], preprocess=pre_cfg, roi=(roi,) * 3, modality="CT",
+    return Segmenter(model=net.eval(), classes=["liver"], preprocess=pre_cfg, window=(window,) * 3, modality="CT",
                      config={}), seconds
 
 
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=8192, help="voxels per crop per step (head mode)")
     parser.add_argument("--zoom", type=float, default=0.15, help="ar3d: random zoom range of the crops")
     parser.add_argument("--rotate", type=float, default=0.1, help="ar3d: random rotation of the crops (radians)")
-    parser.add_argument("--roi", type=int, default=48, help="window edge in voxels")
+    parser.add_argument("--window", type=int, default=48, help="window edge in voxels")
     parser.add_argument("--spacing", type=float, default=4.0, help="model spacing in mm (0: the encoder's)")
     parser.add_argument("--unet-steps", type=int, default=0, help="also train the MONAI UNet reference this many steps")
     parser.add_argument("--unet-zoom", type=float, default=0.0, help="UNet: random zoom range of the resampled copies")

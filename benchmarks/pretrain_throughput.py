@@ -53,8 +53,8 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_core.device import resolve_device  # noqa: E402
-from model_core.models import ViT3D, ViT3DConfig  # noqa: E402
-from model_core.objectives import build_objective  # noqa: E402
+from model_core.models.vit import ViT3D, ViT3DConfig  # noqa: E402
+from model_core.objectives.autoregressive import build_objective  # noqa: E402
 
 SUB_VOLUMES, SLAB = 4, 32
 

@@ -1,4 +1,4 @@
-"""Time `model_core.io.read_volume` on every image of the shared data (largest first).
+"""Time `model_core.io.volume.read_volume` on every image of the shared data (largest first).
 
     python benchmarks/read_speed.py [--data ../shared/data] [--repeat 3]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_core.io import read_volume  # noqa: E402
+from model_core.io.volume import read_volume  # noqa: E402
 
 
 def main() -> None:

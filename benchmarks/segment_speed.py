@@ -56,8 +56,8 @@ def _warm_up(device_name: str) -> None:
 
 
 def worker_ours(args) -> dict:
-    from model_core import infer  # noqa: F401  (the CLI imports it lazily)
     from model_core.cli import main as ar3d
+    from model_core.inference import segment as infer  # noqa: F401  (the CLI imports it lazily)
 
     _warm_up(args.device)
     t0 = time.perf_counter()
@@ -74,13 +74,13 @@ def worker_unetr(args) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNETR
 
-    from model_core.device import resolve_device
-    from model_core.io import read_volume, write_volume
-    from model_core.preprocess import (
+    from model_core.data.preprocess import (
         IntensityConfig,
         guess_modality,
         normalize_intensity,
     )
+    from model_core.device import resolve_device
+    from model_core.io.volume import read_volume, write_volume
 
     _warm_up(args.device)
     device = resolve_device(args.device)
@@ -103,7 +103,7 @@ def worker_unetr(args) -> dict:
 def _phantoms():
     """The phantom module, installed (napari_ar3d.sample_data) or from the source tree (sample_data)."""
     try:
-        from napari_ar3d.sample_data import phantoms
+        from model_core.data import phantoms
     except ImportError:
         from sample_data import phantoms
     return phantoms
@@ -114,7 +114,7 @@ def make_inputs(folder: Path, data: Path | None) -> dict[str, Path]:
     import numpy as np
     import scipy.ndimage as ndi
 
-    from model_core.io import read_volume
+    from model_core.io.volume import read_volume
 
     out = {}
     brats = data / "brats2015" / "pat0003" / "flair.nii.gz" if data else None
@@ -150,17 +150,17 @@ def make_inputs(folder: Path, data: Path | None) -> dict[str, Path]:
 def make_model(folder: Path, config: str, classes: int, spacing: float) -> Path:
     import torch
 
-    from model_core.checkpoint import make_config, save_checkpoint
-    from model_core.models import ViT3D, ViT3DConfig
-    from model_core.preprocess import PreprocessConfig
-    from model_core.segmentation import SegmentationModel, build_decoder
+    from model_core.checkpoint.store import make_config, save_checkpoint
+    from model_core.data.preprocess import PreprocessConfig
+    from model_core.models.segmentation import SegmentationModel, build_decoder
+    from model_core.models.vit import ViT3D, ViT3DConfig
 
     torch.manual_seed(0)
     cfg = ViT3DConfig.preset(config)
     model = SegmentationModel(ViT3D(cfg), build_decoder("light", cfg, classes + 1))
-    roi = 6 * cfg.patch_size
+    window = 6 * cfg.patch_size
     conf = make_config(cfg.to_dict(), objective="segmentation",
-                       heads={"segmentation": {"decoder": model.decoder.config, "roi": [roi] * 3}},
+                       heads={"segmentation": {"decoder": model.decoder.config, "window": [window] * 3}},
                        preprocessing=PreprocessConfig((spacing,) * 3).to_dict(),
                        classes=[f"class_{k}" for k in range(1, classes + 1)])
     return save_checkpoint(folder / f"random_{config}", model.state_dict(), conf)

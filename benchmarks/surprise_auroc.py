@@ -2,7 +2,7 @@
 
 For every manifest case `brats2015_*`: the image is the FLAIR, tumour voxels are `seg > 0` (all four
 labels), brain voxels are `brainmask > 0` (extra image). The score of a voxel is the surprise map
-(`model_core.explain.surprise_map`, on the input grid); the AUROC is that of tumour voxels against
+(`model_core.inference.explain.surprise_map`, on the input grid); the AUROC is that of tumour voxels against
 the other brain voxels (Mann-Whitney U, ties counted half; 0.5 = chance).
 
 Compared: the pretrained encoder `--model` and a randomly initialised model of the same config
@@ -30,10 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_core.device import resolve_device  # noqa: E402
-from model_core.explain import ExplainModel, load_explain_model, prepare, surprise_map  # noqa: E402
-from model_core.io import read_volume  # noqa: E402
-from model_core.models import ViT3D  # noqa: E402
-from model_core.objectives import AutoregressiveObjective  # noqa: E402
+from model_core.inference.explain import (  # noqa: E402
+    ExplainModel,
+    load_explain_model,
+    prepare,
+    surprise_map,
+)
+from model_core.io.volume import read_volume  # noqa: E402
+from model_core.models.vit import ViT3D  # noqa: E402
+from model_core.objectives.autoregressive import AutoregressiveObjective  # noqa: E402
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

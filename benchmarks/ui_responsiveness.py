@@ -74,8 +74,7 @@ def main() -> None:
 
     import napari
     import torch
-
-    from napari_ar3d._sample_data import ct_abdomen
+    from napari_ar3d.sample_data.samples import ct_abdomen
 
     viewer = napari.Viewer(show=True)
     for data, kwargs, kind in ct_abdomen(seed=args.seed):

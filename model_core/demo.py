@@ -1,9 +1,9 @@
 """`ar3d demo`: the built-in default job, on a procedural CT phantom.
 
 1. Generate a CT phantom (`make_ct_abdomen(seed)`), write it and its true labels as NIfTI, read
-   both back through `model_core.io` and check that they share one geometry.
-2. Segment it with the shipped segmenter `ar3d-ct-organs` (`model_core.infer`, as `ar3d segment`).
-3. Explain it with the shipped encoder `ar3d-encoder` (`model_core.explain.explain`, as
+   both back through `model_core.io.volume` and check that they share one geometry.
+2. Segment it with the shipped segmenter `ar3d-ct-organs` (`model_core.inference.segment`, as `ar3d segment`).
+3. Explain it with the shipped encoder `ar3d-encoder` (`model_core.inference.explain.explain`, as
    `ar3d explain`): attention from a liver voxel, next-token prediction and surprise.
 4. Score the segmentation against the phantom's true labels: Dice per class, matched by name.
 
@@ -19,11 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import read_label_names, read_volume, voxel_to_world, world_to_voxel, write_label_names, write_volume
-from .progress import ProgressFn, report
+from model_core.io.volume import (
+    read_label_names,
+    read_volume,
+    voxel_to_world,
+    world_to_voxel,
+    write_label_names,
+    write_volume,
+)
+from model_core.progress import ProgressFn, report
+from model_core.vocabulary import DEFAULT_ENCODER, DEFAULT_SEGMENTER
 
-DEFAULT_SEGMENTER = "ar3d-ct-organs"
-DEFAULT_EXPLAINER = "ar3d-encoder"
 EXPLAIN_MAPS = ("attention", "prediction", "surprise")  # the PCA map is left out: slow, and 4D in napari
 
 
@@ -38,7 +44,7 @@ class DemoResult:
 
 def write_phantom(out_dir: str | Path, *, seed: int = 0, progress: ProgressFn = None) -> DemoResult:
     """Generate the CT phantom into `out_dir`, read it back and verify its geometry (step 1)."""
-    from napari_ar3d.sample_data.phantoms import make_ct_abdomen
+    from model_core.data.phantoms import make_ct_abdomen
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +87,7 @@ def class_dice(
     pred: np.ndarray, pred_classes: list[str], truth: np.ndarray, truth_names: dict[int, str]
 ) -> dict[str, float]:
     """Dice of each predicted class (value k = pred_classes[k-1]) against the truth value of the same name."""
-    from .evaluate import dice, truth_by_name
+    from model_core.inference.evaluate import dice, truth_by_name
 
     truth, matched, _ = truth_by_name(truth, truth_names, dict(enumerate(pred_classes, start=1)))
     return {pred_classes[k - 1]: round(dice(pred == k, truth == k), 4) for k in matched}
@@ -92,7 +98,7 @@ def run_demo(
     *,
     seed: int = 0,
     segmenter: str = DEFAULT_SEGMENTER,
-    explainer: str = DEFAULT_EXPLAINER,
+    explainer: str = DEFAULT_ENCODER,
     device: str = "auto",
     progress: ProgressFn = None,
 ) -> DemoResult:
@@ -101,8 +107,8 @@ def run_demo(
     segmenter: a segmentation model (shipped name or folder); explainer: an AR-pretrained encoder.
     progress: reports of each stage (messages: phantom, "segmenting", then the explain maps).
     """
-    from .explain import explain
-    from .infer import load_segmenter, segment
+    from model_core.inference.explain import explain
+    from model_core.inference.segment import load_segmenter, segment
 
     t0 = time.perf_counter()
     result = write_phantom(out_dir, seed=seed, progress=progress)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import Ar3dInputError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+from model_core.errors import Ar3dInputError
+from model_core.vocabulary import DEVICES
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -21,8 +20,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     kind = name.split(":")[0]
-    if kind not in DEVICE_CHOICES:
-        raise Ar3dInputError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if kind not in DEVICES:
+        raise Ar3dInputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise Ar3dInputError("device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

@@ -10,8 +10,8 @@ not read (another plugin may), and never reads the file there. `read_layers` rai
 shows the message, and the viewer carries on with no layer added.
 
 The layer shows the volume in ITK order `(k, j, i)` and its `affine` holds the whole data-to-world
-transform (see `model_core.io.napari_affine`); `metadata["ar3d"]` keeps the source geometry.
-No torch here: `model_core.io` is imported inside the functions and imports only nibabel / SimpleITK.
+transform (see `model_core.io.volume.napari_affine`); `metadata["ar3d"]` keeps the source geometry.
+No torch here: `model_core.io.volume` is imported inside the functions and imports only nibabel / SimpleITK.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from model_core.vocabulary import CT_SOFT_TISSUE_HU
+
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
-CT_WINDOW = (-160.0, 240.0)  # soft tissue: level 40 HU, width 400 HU
 LABEL_WORDS = ("seg", "label", "mask")  # a file name with one of these may hold a label map
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     """The reader function for `path` (a file, a DICOM folder, or a list of them), or None."""
-    from model_core.io import volume_format
+    from model_core.io.volume import volume_format
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths or any(volume_format(p) is None for p in paths):
@@ -42,9 +43,15 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     """One image (or labels) layer per path; raises `Ar3dInputError` for a bad file.
 
     Volumes with some NaN or infinite voxels open (they can be looked at); a label map with a
-    negative label or one above 65535 is refused (`model_core.io.check_labels`).
+    negative label or one above 65535 is refused (`model_core.io.volume.check_labels`).
     """
-    from model_core.io import check_labels, read_label_names, read_volume, split_suffix, to_napari
+    from model_core.io.volume import (
+        check_labels,
+        read_label_names,
+        read_volume,
+        split_suffix,
+        to_napari,
+    )
 
     layers = []
     for p in [path] if isinstance(path, (str, os.PathLike)) else path:
@@ -82,7 +89,7 @@ def contrast_limits(array: np.ndarray, modality: str | None = None) -> tuple[flo
         sample = array[np.isfinite(array)].astype(np.float32)
     low, high = float(sample.min()), float(sample.max())
     if modality == "CT" or (low <= -500 and high >= 500):  # air is -1000 HU, bone several hundred
-        return CT_WINDOW
+        return CT_SOFT_TISSUE_HU
     low, high = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     return (low, high) if high > low else (low, low + 1.0)
 

@@ -15,7 +15,7 @@ import numpy as np
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """npe2 single-layer writer: `data` is the layer data `(k, j, i)`, `meta` its attributes."""
     from model_core.errors import Ar3dInputError
-    from model_core.io import from_napari, write_volume
+    from model_core.io.volume import from_napari, write_volume
 
     data = np.asarray(data)
     if data.ndim != 3:

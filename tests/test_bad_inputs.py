@@ -1,6 +1,6 @@
 """A corpus of bad inputs, written by the tests, fed through every entry point that reads a volume.
 
-Entry points: `model_core.io.read_volume`, the napari reader (`read_layers`, and `viewer.open`
+Entry points: `model_core.io.volume.read_volume`, the napari reader (`read_layers`, and `viewer.open`
 in a real viewer), `ar3d segment`, `ar3d finetune` (the input as the image, and as the
 segmentation where that makes sense), `ar3d explain` and `ar3d evaluate` (segmentations only).
 Each bad input must give one line "<path>: <problem>" (exit code 2 and nothing else but progress
@@ -22,21 +22,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 from test_explain import tiny_objective
 from test_infer import save_segmenter
 from test_io import write_ct_slice
 
-from model_core.checkpoint import make_config, save_checkpoint
+from model_core.checkpoint.store import make_config, save_checkpoint
 from model_core.cli import main
+from model_core.data.phantoms import make_ct_abdomen
+from model_core.data.preprocess import PreprocessConfig
 from model_core.errors import Ar3dInputError
-from model_core.io import MAX_LABEL, read_volume, write_volume
-from model_core.preprocess import PreprocessConfig
+from model_core.io.volume import MAX_LABEL, read_volume, write_volume
 from napari_ar3d._reader import napari_get_reader
 
 SHAPE = (32, 32, 16)
 TINY = ["--config", "tiny", "--set", "patch_size=8", "--set", "width=48", "--set", "depth=4", "--set", "heads=2"]
-QUICK = ["--steps", "2", "--crops", "1", "--roi", "32", "--spacing", "8", "--device", "cpu"]
+QUICK = ["--steps", "2", "--crops", "1", "--window", "32", "--spacing", "8", "--device", "cpu"]
 UID_A, UID_B = "1.2.826.0.1.3680043.2.1125.20", "1.2.826.0.1.3680043.2.1125.21"
 
 
@@ -215,7 +215,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         provenance={"sequence": {"kinds": ["spatial"], "crop": 32, "slab": 16}},
     )
     return {
-        "segment": save_segmenter(root / "seg", spacing=8.0, roi=32),
+        "segment": save_segmenter(root / "seg", spacing=8.0, window=32),
         "explain": save_checkpoint(root / "ar", objective.state_dict(), config),
     }
 

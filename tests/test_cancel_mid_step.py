@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from test_train import WavesDataset, _cfg, _objective
 
-from model_core.checkpoint import load_checkpoint
-from model_core.train import train
+from model_core.checkpoint.store import load_checkpoint
+from model_core.training.loop import train
 
 
 class StopDuringStep:

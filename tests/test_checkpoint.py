@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from model_core import checkpoint as ckpt
-from model_core.checkpoint import (
+from model_core.checkpoint import store as ckpt
+from model_core.checkpoint.store import (
     Checkpoint,
     TrainState,
     capture_rng,
@@ -31,7 +31,7 @@ from model_core.checkpoint import (
     save_checkpoint,
 )
 from model_core.errors import Ar3dInputError, CheckpointError
-from model_core.models import ViT3D, ViT3DConfig
+from model_core.models.vit import ViT3D, ViT3DConfig
 
 TINY = dict(width=24, depth=2, heads=2)
 
@@ -363,7 +363,7 @@ def good_checkpoints(tmp_path_factory) -> dict[str, Path]:
                          preprocessing={"spacing": [8.0] * 3})
     corpus = make_corpus(root)
     return {
-        "segment": save_segmenter(root / "seg", spacing=8.0, roi=32),
+        "segment": save_segmenter(root / "seg", spacing=8.0, window=32),
         "ar": save_checkpoint(root / "ar", objective.state_dict(), config),
         "image": corpus["image"],
         "seg": corpus["seg"],
@@ -391,7 +391,7 @@ def test_bad_checkpoint_exits_2_with_one_line_naming_it(problem, command, good_c
         "segment": ["segment", "--model", folder, image, "-o", out / "labels.nii.gz", "--device", "cpu"],
         "explain": ["explain", image, "--model", folder, "--out", out / "maps", "--device", "cpu"],
         "finetune": ["finetune", "--model", folder, "--train", image, seg, "--out", out / "model",
-                     "--steps", "1", "--roi", "32", "--device", "cpu"],
+                     "--steps", "1", "--window", "32", "--device", "cpu"],
         "info": ["info", folder],
     }[command]
     code = main([str(a) for a in args])

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_core.checkpoint import load_checkpoint
+from model_core.checkpoint.store import load_checkpoint
 from model_core.cli import main
+from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "--set", "width=32", "--set", "depth=2", "--set", "heads=2"]
@@ -156,7 +157,7 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_info_lists_shipped_models(capsys, monkeypatch, tmp_path):
-    from model_core import checkpoint
+    from model_core.checkpoint import store as checkpoint
 
     monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path / "none")
     assert main(["info"]) == 0
@@ -184,3 +185,30 @@ def test_console_script_is_installed():
         pytest.skip("the package is not installed (no ar3d console script)")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "pretrain" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- errors by kind
+
+
+@pytest.mark.parametrize("error, code", [
+    (Ar3dInputError("is not a volume", "scan.nii.gz"), 2),
+    (Ar3dEnvironmentError("could not write the file: no space left on the device; free some space", "o.nii.gz"), 1),
+    (TrainingError("training diverged: the loss is nan at step 3; lower the learning rate"), 1),
+])
+def test_errors_for_the_user_are_one_line_with_their_exit_code(monkeypatch, capsys, error, code):
+    def fail(config):
+        raise error
+
+    monkeypatch.setattr("model_core.checkpoint.card.summary", fail)
+    assert main(["info"]) == code
+    err = capsys.readouterr().err
+    assert err == f"ar3d: error: {error}\n"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def bug(config):
+        return config["no such key"]
+
+    monkeypatch.setattr("model_core.checkpoint.card.summary", bug)
+    with pytest.raises(KeyError, match="no such key"):
+        main(["info"])

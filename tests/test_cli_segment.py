@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
-from model_core.checkpoint import read_config
+from model_core.checkpoint.store import read_config
 from model_core.cli import main
-from model_core.io import read_volume, write_volume
+from model_core.data.phantoms import CT_CLASSES, make_ct_abdomen
+from model_core.io.volume import read_volume, write_volume
 
 TINY = ["--config", "tiny", "--set", "patch_size=8", "--set", "width=48", "--set", "depth=4", "--set", "heads=2"]
-QUICK = ["--steps", "3", "--crops", "2", "--roi", "32", "--spacing", "8", "--device", "cpu"]
+QUICK = ["--steps", "3", "--crops", "2", "--window", "32", "--spacing", "8", "--device", "cpu"]
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -168,8 +168,8 @@ def test_segment_bad_inputs_exit_2_and_write_nothing(problem, model, scans, tmp_
     if problem == "model":
         args[1], words = "no-such-model", ("unknown model", "no-such-model")
     elif problem == "encoder":
-        from model_core.checkpoint import make_config, save_checkpoint
-        from model_core.models import ViT3D, ViT3DConfig
+        from model_core.checkpoint.store import make_config, save_checkpoint
+        from model_core.models.vit import ViT3D, ViT3DConfig
 
         cfg = ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)
         encoder = save_checkpoint(tmp_path / "encoder", ViT3D(cfg).state_dict(), make_config(cfg.to_dict()))
@@ -185,7 +185,7 @@ def test_segment_bad_inputs_exit_2_and_write_nothing(problem, model, scans, tmp_
 
 
 def test_evaluate_by_name_pairs_classes_numbered_differently(tmp_path, capsys):
-    from model_core.io import write_label_names
+    from model_core.io.volume import write_label_names
 
     truth = np.zeros((16, 16, 8), np.uint8)  # TotalSegmentator-style numbering, vertebrae by level
     truth[2:6, 2:6, 2:6], truth[8:12, 2:6, 2:4], truth[8:12, 2:6, 4:6], truth[12:14, 10:14, 2:6] = 5, 31, 32, 2

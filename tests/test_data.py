@@ -13,8 +13,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from model_core import data as data_mod
-from model_core.data import (
+from model_core.data import pretraining as data_mod
+from model_core.data.phantoms import CT_CLASSES, make_brain_mri, make_ct_abdomen
+from model_core.data.preprocess import (
+    IntensityConfig,
+    PreprocessConfig,
+    guess_modality,
+    normalize_intensity,
+    preprocess_volume,
+    reorient_to_ras,
+    resample_to_grid,
+    resample_to_spacing,
+    voxel_spacing,
+)
+from model_core.data.pretraining import (
     CONTRASTS,
     Case,
     PreprocessCache,
@@ -31,19 +43,7 @@ from model_core.data import (
     spatial_sequence,
 )
 from model_core.errors import Ar3dInputError
-from model_core.io import read_volume
-from model_core.preprocess import (
-    IntensityConfig,
-    PreprocessConfig,
-    guess_modality,
-    normalize_intensity,
-    preprocess_volume,
-    reorient_to_ras,
-    resample_to_grid,
-    resample_to_spacing,
-    voxel_spacing,
-)
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_brain_mri, make_ct_abdomen
+from model_core.io.volume import read_volume
 
 COARSE = PreprocessConfig(spacing=(3.0, 3.0, 3.0))  # small arrays keep the tests fast
 
@@ -586,7 +586,11 @@ def test_shared_case_labels_stay_on_the_anatomy(shared_data, tmp_path):
 
 
 def test_mri_percentiles_skip_a_constant_background_of_a_z_scored_scan():
-    from model_core.preprocess import IntensityConfig, mri_background, normalize_intensity
+    from model_core.data.preprocess import (
+        IntensityConfig,
+        mri_background,
+        normalize_intensity,
+    )
 
     rng = np.random.default_rng(0)
     brain = rng.normal(0, 1, (20, 20, 20)).astype(np.float32)

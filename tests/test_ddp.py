@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_core.checkpoint import load_checkpoint, load_train_state
+from model_core.checkpoint.store import load_checkpoint, load_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,10 +21,10 @@ SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch
     from torch.utils.data import Dataset
-    from model_core.checkpoint import make_config
-    from model_core.models import ViT3D, ViT3DConfig
-    from model_core.objectives import build_objective
-    from model_core.train import TrainConfig, train
+    from model_core.checkpoint.store import make_config
+    from model_core.models.vit import ViT3D, ViT3DConfig
+    from model_core.objectives.autoregressive import build_objective
+    from model_core.training.loop import TrainConfig, train
 
     out, steps, stop_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rank = int(os.environ["RANK"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_core.io import read_volume
+from model_core.io.volume import read_volume
 
 # Dice of the shipped ar3d-ct-organs on the default demo phantom (seed 0, not a training seed),
 # measured 2026-11-25, minus a margin of 0.1 for numerical drift across machines and torch versions.

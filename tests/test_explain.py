@@ -19,9 +19,11 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from model_core.checkpoint import make_config, save_checkpoint
+from model_core.checkpoint.store import make_config, save_checkpoint
+from model_core.data.phantoms import insert_unexpected_object, make_ct_abdomen
+from model_core.data.preprocess import IntensityConfig, PreprocessConfig
 from model_core.errors import Ar3dInputError, CheckpointError
-from model_core.explain import (
+from model_core.inference.explain import (
     Cancelled,
     ExplainModel,
     attention_map,
@@ -34,11 +36,12 @@ from model_core.explain import (
     prepare,
     surprise_map,
 )
-from model_core.io import Volume, read_volume, voxel_to_world, write_volume
-from model_core.models import ViT3D, ViT3DConfig
-from model_core.objectives import AutoregressiveObjective, normalize_patches
-from model_core.preprocess import IntensityConfig, PreprocessConfig
-from napari_ar3d.sample_data.phantoms import insert_unexpected_object, make_ct_abdomen
+from model_core.io.volume import Volume, read_volume, voxel_to_world, write_volume
+from model_core.models.vit import ViT3D, ViT3DConfig
+from model_core.objectives.autoregressive import (
+    AutoregressiveObjective,
+    normalize_patches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 P, SPACING, WINDOW = 8, 2.0, (32, 32, 16)

@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 from test_infer import save_segmenter
 
-import model_core.checkpoint as ckpt
-import model_core.io as io
-from model_core.checkpoint import (
+import model_core.checkpoint.store as ckpt
+import model_core.io.volume as io
+from model_core.checkpoint.store import (
     CONFIG_FILE,
     TRAIN_STATE_DIR,
     TrainState,
@@ -38,17 +37,18 @@ from model_core.checkpoint import (
     save_checkpoint,
 )
 from model_core.cli import main
-from model_core.errors import Ar3dInputError
-from model_core.finetune import work_folder
-from model_core.io import write_volume
-from model_core.models import ViT3DConfig
+from model_core.data.phantoms import make_ct_abdomen
+from model_core.errors import Ar3dEnvironmentError, Ar3dInputError
+from model_core.io.volume import write_volume
+from model_core.models.vit import ViT3DConfig
+from model_core.training.resume import work_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "--set", "width=32", "--set", "depth=2", "--set", "heads=2"]
 PRETRAIN = ["pretrain", "--data", "phantom:ct", "--phantoms", "1", "--crop", "32", "--slab", "16", *TINY,
             "--seed", "3", "--log-every", "1", "--device", "cpu"]
 FINETUNE_MODEL = ["--model", "scratch", "--config", "tiny", "--set", "patch_size=8", "--set", "width=32",
-                  "--set", "depth=2", "--set", "heads=2", "--roi", "32", "--spacing", "8", "--crops", "2",
+                  "--set", "depth=2", "--set", "heads=2", "--window", "32", "--spacing", "8", "--crops", "2",
                   "--labels", "1", "--seed", "4", "--device", "cpu"]
 
 
@@ -170,8 +170,8 @@ def test_kill_during_finetune_leaves_a_resumable_checkpoint(tmp_path, capsys):
 
 SAVER = textwrap.dedent("""
     import sys, torch
-    from model_core.checkpoint import TrainState, make_config, save_checkpoint
-    from model_core.models import ViT3DConfig
+    from model_core.checkpoint.store import TrainState, make_config, save_checkpoint
+    from model_core.models.vit import ViT3DConfig
     encoder = ViT3DConfig.preset("tiny").to_dict()
     out, first = sys.argv[1], int(sys.argv[2])
     for v in range(first, first + 100000):
@@ -259,6 +259,7 @@ def _assert_disk_full_error(message: str, path: Path) -> None:
     lines = message.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in message, message
     assert str(path) in lines[0] and "no space left on the device" in lines[0], message
+    assert "free some space or choose another folder" in lines[0], message  # says what to do
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
@@ -266,7 +267,7 @@ def test_write_volume_on_a_full_tmpfs(tiny_disk, suffix):
     disk = tiny_disk(256 * 1024)
     (disk / f"seg{suffix}").write_bytes(b"previous")
     noise = np.random.default_rng(0).random((64, 64, 64), dtype=np.float32)  # 1 MB that gzip cannot shrink
-    with pytest.raises(Ar3dInputError) as err:
+    with pytest.raises(Ar3dEnvironmentError) as err:
         write_volume(disk / f"seg{suffix}", noise, np.eye(4), kind="float")
     _assert_disk_full_error(str(err.value), disk / f"seg{suffix}")
     assert [p.name for p in disk.iterdir()] == [f"seg{suffix}"]  # no partial file, no temporary folder
@@ -277,7 +278,7 @@ def test_save_checkpoint_on_a_full_tmpfs(tiny_disk):
     disk = tiny_disk(1024 * 1024)
     encoder = ViT3DConfig.preset("tiny").to_dict()
     target = save_checkpoint(disk / "c", {"w": torch.zeros(1000)}, make_config(encoder))
-    with pytest.raises(Ar3dInputError) as err:
+    with pytest.raises(Ar3dEnvironmentError) as err:
         save_checkpoint(target, {"w": torch.ones(400_000)}, make_config(encoder))  # 1.6 MB
     _assert_disk_full_error(str(err.value), target)
     assert sorted(p.name for p in disk.iterdir()) == ["c"]
@@ -289,7 +290,7 @@ def test_pretrain_on_a_disk_that_fills_up_keeps_its_last_checkpoint(tiny_disk, c
     out = disk / "run"
     code = main([*PRETRAIN, "--steps", "6", "--ckpt-every", "2", "--workers", "0", "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1
     _assert_disk_full_error(err.strip().splitlines()[-1], out)
     assert err.strip().splitlines()[-1].startswith(f"ar3d: error: {out}: could not write the checkpoint")
     assert load_train_state(out).step == 2 and sorted(p.name for p in disk.iterdir()) == ["run"]
@@ -303,7 +304,7 @@ def test_segment_onto_a_full_tmpfs_writes_nothing(tiny_disk, tmp_path, capsys):
     code = main(["segment", str(scan), "--model", str(model), "-o", str(disk / "seg.nii.gz"), "--probabilities",
                  "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 1, err
     line = err.strip().splitlines()[-1]  # after the progress bar
     assert line.startswith(f"ar3d: error: {disk / 'seg_prob_'}") and "Traceback" not in err
     _assert_disk_full_error(line, disk)
@@ -316,7 +317,7 @@ def test_enospc_in_write_volume_names_the_file_and_leaves_nothing(tmp_path, monk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(io, "_write_nifti", full_disk)
-    with pytest.raises(Ar3dInputError) as err:
+    with pytest.raises(Ar3dEnvironmentError) as err:
         write_volume(tmp_path / "seg.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4), kind="labels")
     _assert_disk_full_error(str(err.value), tmp_path / "seg.nii.gz")
     assert list(tmp_path.iterdir()) == []
@@ -333,7 +334,7 @@ def test_enospc_in_save_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ckpt, "save_file", full_disk)
     ts = TrainState(1, {"state": {}, "param_groups": []}, {})
-    with pytest.raises(Ar3dInputError) as err:
+    with pytest.raises(Ar3dEnvironmentError) as err:
         save_checkpoint(target, {"w": torch.ones(3)}, make_config(encoder), ts)
     _assert_disk_full_error(str(err.value), target)
     monkeypatch.setattr(ckpt, "save_file", real)
@@ -354,7 +355,7 @@ def test_enospc_in_the_loss_log_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
     out = tmp_path / "run"
-    assert main([*PRETRAIN, "--steps", "2", "--workers", "0", "--out", str(out)]) == 2
+    assert main([*PRETRAIN, "--steps", "2", "--workers", "0", "--out", str(out)]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"ar3d: error: {out / 'loss_log.csv'}: could not write the loss log"), line
     assert "no space left on the device" in line
@@ -366,7 +367,7 @@ def test_enospc_in_the_loss_log_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_segment_prints_the_out_of_memory_fallback(tmp_path, monkeypatch, capsys):
-    import model_core.infer as infer
+    import model_core.inference.segment as infer
 
     real = infer._sliding_window
 
@@ -401,7 +402,7 @@ def test_explain_onto_a_full_tmpfs_names_the_map_and_writes_nothing(tiny_disk, t
     code = main(["explain", str(scan), "--model", str(model), "--out", str(out), "--query", "20,18,15",
                  "--maps", maps, "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 1, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"ar3d: error: {out}/") and ".explain-" not in line, line
     _assert_disk_full_error(line, out)

@@ -10,33 +10,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from napari_ar3d.sample_data.phantoms import CT_CLASSES, make_ct_abdomen
 
-from model_core.checkpoint import (
+from model_core.checkpoint.store import (
     TRAIN_STATE_DIR,
     load_checkpoint,
     make_config,
     read_config,
     save_checkpoint,
 )
+from model_core.data.finetuning import CropDataset, check_pair, class_map, prepare_scan
+from model_core.data.phantoms import CT_CLASSES, make_ct_abdomen
 from model_core.errors import Ar3dInputError
-from model_core.finetune import (
-    IGNORE,
-    CropDataset,
-    FinetuneConfig,
-    SegmentationObjective,
-    check_pair,
-    class_map,
-    finetune,
-    layer_decay_groups,
-    prepare_scan,
-    work_folder,
-)
-from model_core.infer import load_segmenter, segment
-from model_core.io import Volume
-from model_core.models import ViT3D, ViT3DConfig
+from model_core.inference.segment import load_segmenter, segment
+from model_core.io.volume import Volume
+from model_core.models.segmentation import SegmentationModel, build_decoder
+from model_core.models.vit import ViT3D, ViT3DConfig
+from model_core.objectives.segmentation import SegmentationObjective, layer_decay_groups
 from model_core.progress import Cancelled
-from model_core.segmentation import SegmentationModel, build_decoder
+from model_core.training.finetune import FinetuneConfig, finetune
+from model_core.training.resume import work_folder
+from model_core.vocabulary import IGNORE
 
 TINY = ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)
 NAMES = {1: "liver", 2: "spleen", 3: "kidney", 9: "background"}
@@ -48,7 +41,7 @@ def small_phantom(seed: int) -> tuple[Volume, Volume]:
 
 
 def quick(**kw) -> FinetuneConfig:
-    base = {"steps": 4, "crops_per_scan": 2, "points": 512, "roi": 32, "spacing": (8.0, 8.0, 8.0), "scratch_config": TINY,
+    base = {"steps": 4, "crops_per_scan": 2, "points": 512, "window": 32, "spacing": (8.0, 8.0, 8.0), "scratch_config": TINY,
                 "device": "cpu"}
     return FinetuneConfig(**{**base, **kw})
 
@@ -169,7 +162,7 @@ def test_finetune_writes_a_complete_segmentation_checkpoint(tmp_path, mode):
     assert config["preprocessing"]["intensity"]["kind"] == "ct"
     assert config["preprocessing"]["intensity"]["window"] == [-160.0, 240.0]  # scratch: the soft-tissue window
     head = config["heads"]["segmentation"]
-    assert head["decoder"]["kind"] == ("light" if mode == "head" else "unetr") and head["roi"] == [32, 32, 32]
+    assert head["decoder"]["kind"] == ("light" if mode == "head" else "unetr") and head["window"] == [32, 32, 32]
     prov = config["provenance"]
     assert prov["mode"] == mode and prov["encoder"] == "scratch" and prov["command"] == "test"
     assert prov["label_map"]["classes"] == {"liver": [1], "spleen": [2]}
@@ -253,7 +246,7 @@ def test_sparse_scribbles_train(tmp_path):
 
 def test_a_volume_smaller_than_a_window_is_padded(tmp_path):
     image, seg = small_phantom(0)  # about 48 x 40 x 27 voxels at 8 mm: padded to 64^3 windows
-    result = finetune("scratch", [(image, seg)], tmp_path / "m", quick(labels=[1], roi=64))
+    result = finetune("scratch", [(image, seg)], tmp_path / "m", quick(labels=[1], window=64))
     assert result.steps == 4
 
 
@@ -361,7 +354,7 @@ def _liver_dice(segmenter, seed: int) -> float:
 def test_head_mode_on_one_phantom_segments_the_liver_of_another(tmp_path):
     ph = make_ct_abdomen(0)
     pairs = [(Volume(ph.images["ct"], ph.affine), Volume(ph.labels, ph.affine))]
-    cfg = FinetuneConfig(labels=[1], steps=1000, crops_per_scan=128, points=8192, roi=48, spacing=(4.0, 4.0, 4.0),
+    cfg = FinetuneConfig(labels=[1], steps=1000, crops_per_scan=128, points=8192, window=48, spacing=(4.0, 4.0, 4.0),
                          scratch_config=TINY, device="cpu")
     torch.set_num_threads(2)  # the "under a minute" is on this 2-core machine (conftest sets 1 per test)
     t0 = time.perf_counter()

@@ -34,14 +34,20 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from model_core.checkpoint import build_encoder, count_values, load_checkpoint, make_config, save_checkpoint
+from model_core.checkpoint.store import (
+    build_encoder,
+    count_values,
+    load_checkpoint,
+    make_config,
+    save_checkpoint,
+)
 from model_core.errors import Ar3dInputError
-from model_core.explain import load_explain_model
-from model_core.infer import load_segmenter
-from model_core.io import read_volume
-from model_core.models import ViT3D, ViT3DConfig
-from model_core.objectives import AutoregressiveObjective
-from model_core.segmentation import SegmentationModel, build_decoder
+from model_core.inference.explain import load_explain_model
+from model_core.inference.segment import load_segmenter
+from model_core.io.volume import read_volume
+from model_core.models.segmentation import SegmentationModel, build_decoder
+from model_core.models.vit import ViT3D, ViT3DConfig
+from model_core.objectives.autoregressive import AutoregressiveObjective
 from napari_ar3d._reader import read_layers
 
 MAX_VOXELS = 20_000  # a mutated header may declare more; reading stays small and fast
@@ -109,7 +115,7 @@ def _checkpoint_seeds(root: Path) -> list[Path]:
                      provenance={"sequence": {"kinds": ["spatial"], "crop": 16, "slab": 8}})
     seg_model = SegmentationModel(ViT3D(cfg), build_decoder("light", cfg, 3, hidden=8, refine=4))
     seg = make_config(cfg.to_dict(), objective="segmentation", classes=["a", "b"], modality="CT",
-                      heads={"segmentation": {"decoder": seg_model.decoder.config, "roi": [16, 16, 16]}},
+                      heads={"segmentation": {"decoder": seg_model.decoder.config, "window": [16, 16, 16]}},
                       preprocessing={"spacing": [2.0, 2.0, 2.0], "intensity": {"kind": "ct"}})
     return [save_checkpoint(root / "ar", objective.state_dict(), ar), save_checkpoint(root / "seg", seg_model.state_dict(), seg)]
 

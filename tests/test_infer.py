@@ -7,26 +7,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from napari_ar3d.sample_data.phantoms import make_ct_abdomen
 
-from model_core.checkpoint import load_checkpoint, make_config, save_checkpoint
-from model_core.errors import Ar3dInputError, CheckpointError
-from model_core.infer import (
+from model_core.checkpoint.store import load_checkpoint, make_config, save_checkpoint
+from model_core.data.phantoms import make_ct_abdomen
+from model_core.data.preprocess import IntensityConfig, PreprocessConfig
+from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError
+from model_core.inference.segment import (
     count_windows,
     load_segmenter,
     segment,
     segmenter_from_checkpoint,
 )
-from model_core.io import Volume
-from model_core.models import ViT3D, ViT3DConfig
-from model_core.preprocess import IntensityConfig, PreprocessConfig
+from model_core.io.volume import Volume
+from model_core.models.segmentation import SegmentationModel, build_decoder
+from model_core.models.vit import ViT3D, ViT3DConfig
 from model_core.progress import Cancelled
-from model_core.segmentation import SegmentationModel, build_decoder
 
 TINY = {"patch_size": 8, "width": 48, "depth": 4, "heads": 2}
 
 
-def save_segmenter(folder, *, classes=("bright",), modality="CT", spacing=4.0, threshold=None, roi=32):
+def save_segmenter(folder, *, classes=("bright",), modality="CT", spacing=4.0, threshold=None, window=32):
     """A tiny light-decoder segmentation checkpoint. With `threshold` (normalised intensity), class 1
     is exactly "intensity above threshold": the decoder's output is k * (intensity - threshold)."""
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def save_segmenter(folder, *, classes=("bright",), modality="CT", spacing=4.0, t
     config = make_config(
         cfg.to_dict(),
         objective="segmentation",
-        heads={"segmentation": {"decoder": model.decoder.config, "roi": [roi] * 3}},
+        heads={"segmentation": {"decoder": model.decoder.config, "window": [window] * 3}},
         preprocessing=PreprocessConfig((spacing,) * 3, IntensityConfig(kind)).to_dict(),
         modality=modality,
         classes=list(classes),
@@ -112,7 +112,7 @@ def test_probabilities_sum_to_one_and_give_the_labels(threshold_model, phantom):
 
 
 def test_a_volume_smaller_than_a_window_is_padded(tmp_path):
-    segmenter = load_segmenter(save_segmenter(tmp_path / "m", spacing=2.0, roi=32))
+    segmenter = load_segmenter(save_segmenter(tmp_path / "m", spacing=2.0, window=32))
     rng = np.random.default_rng(0)
     volume = Volume(rng.normal(0, 300, (9, 7, 5)).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "tiny.nii")
     result = segment(segmenter, volume, device="cpu", probabilities=True)
@@ -125,7 +125,7 @@ def test_progress_counts_every_batch_of_windows_and_cancel_stops(threshold_model
     reports = []
     segment(threshold_model, volume, device="cpu", sw_batch_size=1, progress=reports.append)
     shape = tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape))
-    windows = count_windows(shape, threshold_model.roi, 0.25)
+    windows = count_windows(shape, threshold_model.window, 0.25)
     assert windows > 1
     assert [r.step for r in reports] == list(range(1, windows + 1))
     assert all(r.total == windows for r in reports)
@@ -193,13 +193,13 @@ def test_out_of_memory_mid_volume_retries_with_half_the_windows_per_batch(thresh
     assert [r.message for r in reports if r.step == 0] == messages  # the progress callback says so too
     assert flaky.calls[:3] == [4, 4, 2] and set(flaky.calls[3:]) == {1}
     assert reports[-1].step == reports[-1].total == count_windows(
-        tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape)), threshold_model.roi, 0.25)
+        tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape)), threshold_model.window, 0.25)
     assert np.array_equal(got.labels, want.labels)
     assert np.allclose(got.probabilities, want.probabilities, atol=1e-5)
 
 
 def test_out_of_memory_on_a_gpu_falls_back_to_the_cpu(threshold_model, phantom, monkeypatch):
-    import model_core.infer as infer
+    import model_core.inference.segment as infer
 
     real = infer._sliding_window
     attempts = []
@@ -230,7 +230,7 @@ def test_out_of_memory_with_one_window_on_the_cpu_is_a_clear_error(threshold_mod
     broken = FailingWhenBatched(threshold_model.model, max_windows=0)
     broken.calls.append(0)  # fail from the first pass
     with pytest.warns(UserWarning, match="retrying with 1"), pytest.raises(
-        Ar3dInputError, match="ct.nii.gz: CPU out of memory with 1 window per batch; close other programs"
+        Ar3dEnvironmentError, match="ct.nii.gz: CPU out of memory with 1 window per batch; close other programs"
     ):
         segment(replace(threshold_model, model=broken), volume, device="cpu", sw_batch_size=2)
 
@@ -265,7 +265,7 @@ def test_test_time_flips_run_the_8_mirror_images_and_map_them_back(threshold_mod
     flipped = segment(replace(threshold_model, model=recording), volume, device="cpu", sw_batch_size=1,
                       probabilities=True, tta=True)
     windows = count_windows(tuple(round(s * n / 4.0) for s, n in zip(phantom.spacing, phantom.shape)),
-                            threshold_model.roi, 0.25)
+                            threshold_model.window, 0.25)
     assert len(recording.inputs) == 8 * windows
     first = recording.inputs[:8]
     assert torch.equal(first[1], first[0].flip(2)) and torch.equal(first[7], first[0].flip([2, 3, 4]))

@@ -1,4 +1,4 @@
-"""model_core.io: geometry round trips, napari geometry, atomic writes and every kind of bad input."""
+"""model_core.io.volume: geometry round trips, napari geometry, atomic writes and every kind of bad input."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from model_core import io
 from model_core.errors import Ar3dInputError
-from model_core.io import (
+from model_core.io import volume as io
+from model_core.io.volume import (
     MAX_LABEL,
     Volume,
     check_image,

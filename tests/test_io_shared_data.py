@@ -1,4 +1,4 @@
-"""model_core.io on the real scans in ../shared/data (skipped when the folder is absent)."""
+"""model_core.io.volume on the real scans in ../shared/data (skipped when the folder is absent)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import shared_data_dir
-from model_core.io import Volume, read_volume, voxel_to_world, world_to_voxel, write_volume
+
+from model_core.io.volume import (
+    Volume,
+    read_volume,
+    voxel_to_world,
+    world_to_voxel,
+    write_volume,
+)
 
 
 def _case_ids() -> list[str]:
@@ -40,7 +46,7 @@ def test_case_image_and_seg_share_geometry_and_round_trip(
     image = read_volume(shared_data / case["image"])
     record_property("image_read_s", round(time.perf_counter() - start, 3))
     assert image.array.ndim == 3 and np.isfinite(image.spacing).all() and (image.spacing > 0).all()
-    if case["seg"] is None:  # no labels: round-trip the image as a float map instead
+    if case.get("seg") is None:  # no labels: round-trip the image as a float map instead
         out = read_volume(write_volume(tmp_path / "image.nrrd", image.array, image.affine, kind="float"))
         np.testing.assert_array_equal(out.array, image.array.astype(np.float32))
         np.testing.assert_allclose(out.affine, image.affine, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_core.errors import Ar3dInputError, CheckpointError
-from model_core.models import (
+from model_core.models.vit import (
     Block,
     NextTokenHead,
     ViT3D,

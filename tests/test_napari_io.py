@@ -6,16 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import napari
 import nibabel as nib
+import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from model_core.io import read_volume, voxel_to_world, write_volume
-from napari_ar3d._reader import CT_WINDOW, contrast_limits, napari_get_reader
-from napari_ar3d._writer import data_to_world
+from conftest import napari_world_to_ras
 from test_io import AFFINES, SERIES_A, write_dicom_series
+
+from model_core.io.volume import read_volume, voxel_to_world, write_volume
+from model_core.vocabulary import CT_SOFT_TISSUE_HU
+from napari_ar3d._reader import contrast_limits, napari_get_reader
+from napari_ar3d._writer import data_to_world
 
 SHAPE = (9, 10, 11)
 VOXELS = [(0, 0, 0), (2, 7, 4), (8, 9, 10)]  # (i, j, k)
@@ -29,11 +31,6 @@ def _lps_reversed(affine_ras: np.ndarray, ijk) -> np.ndarray:
     """napari world point of voxel ijk: RAS -> LPS -> (z, y, x)."""
     x, y, z = voxel_to_world(affine_ras, ijk)
     return np.array([z, -y, -x])
-
-
-def _ras_of_napari_world(world) -> np.ndarray:
-    z, y, x = world
-    return np.array([-x, -y, z])
 
 
 @pytest.fixture
@@ -54,10 +51,9 @@ def scans(tmp_path: Path) -> dict[str, tuple[Path, np.ndarray]]:
 
 
 @pytest.mark.parametrize("fmt", [".nii.gz", ".nrrd", ".mha", "dicom"])
-def test_open_puts_voxels_at_lps_reversed_world(make_napari_viewer, scans, fmt: str) -> None:
+def test_open_puts_voxels_at_lps_reversed_world(viewer, scans, fmt: str) -> None:
     path, affine = scans[fmt]
     ct = _ct()
-    viewer = make_napari_viewer()
     (layer,) = viewer.open(str(path), plugin="napari-ar3d")
     assert layer.name == ("scan" if fmt != "dicom" else "dicom")
     assert layer.data.shape == SHAPE[::-1]
@@ -67,7 +63,7 @@ def test_open_puts_voxels_at_lps_reversed_world(make_napari_viewer, scans, fmt: 
     geometry = layer.metadata["ar3d"]
     np.testing.assert_allclose(geometry["affine_ras"], affine, atol=1e-5)
     assert geometry["shape_ijk"] == list(SHAPE)
-    assert tuple(layer.contrast_limits) == CT_WINDOW
+    assert tuple(layer.contrast_limits) == CT_SOFT_TISSUE_HU
 
 
 def _paint(labels_layer) -> dict[tuple[int, int, int], int]:
@@ -80,9 +76,8 @@ def _paint(labels_layer) -> dict[tuple[int, int, int], int]:
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
 @pytest.mark.parametrize("how", ["with_reader_metadata", "napari_new_labels"])
-def test_saved_labels_land_on_source_world_points(make_napari_viewer, scans, tmp_path: Path, how, ext) -> None:
+def test_saved_labels_land_on_source_world_points(viewer, scans, tmp_path: Path, how, ext) -> None:
     path, affine = scans[".nrrd"]
-    viewer = make_napari_viewer()
     (image,) = viewer.open(str(path), plugin="napari-ar3d")
     if how == "with_reader_metadata":
         labels = viewer.add_labels(
@@ -109,12 +104,11 @@ def test_saved_labels_land_on_source_world_points(make_napari_viewer, scans, tmp
     for ijk, value in painted.items():
         assert saved.array[ijk] == value
         i, j, k = ijk
-        source_world = _ras_of_napari_world(image.data_to_world((k, j, i)))
+        source_world = napari_world_to_ras(image.data_to_world((k, j, i)))
         np.testing.assert_allclose(voxel_to_world(saved.affine, ijk), source_world, atol=1e-4)
 
 
-def test_writer_composes_transforms_like_napari(make_napari_viewer, tmp_path: Path) -> None:
-    viewer = make_napari_viewer()
+def test_writer_composes_transforms_like_napari(viewer, tmp_path: Path) -> None:
     outer = np.eye(4)
     outer[:3, :3] = AFFINES["oblique"][:3, :3]
     outer[:3, 3] = (5.0, -3.0, 2.0)
@@ -136,19 +130,16 @@ def test_writer_composes_transforms_like_napari(make_napari_viewer, tmp_path: Pa
     for (i, j, k), value in painted.items():
         assert saved.array[i, j, k] == value
         napari_world = labels.data_to_world((k, j, i))
-        expected = _ras_of_napari_world(napari_world)
+        expected = napari_world_to_ras(napari_world)
         np.testing.assert_allclose(voxel_to_world(saved.affine, (i, j, k)), expected, atol=1e-4)
 
 
-def test_real_scan_with_flipped_axis_round_trips_through_napari(
-    make_napari_viewer, shared_data: Path, tmp_path: Path
-) -> None:
+def test_real_scan_with_flipped_axis_round_trips_through_napari(viewer, shared_data: Path, tmp_path: Path) -> None:
     image_path, seg_path = shared_data / "pyradiomics/brain2_image.nrrd", shared_data / "pyradiomics/brain2_label.nrrd"
     if not image_path.is_file():
         pytest.skip("pyradiomics case not in the shared data")
     seg = read_volume(seg_path)
     assert seg.orientation not in ("RAS", "LPS")  # a flipped axis: a reader ignoring it misplaces labels
-    viewer = make_napari_viewer()
     (image,) = viewer.open(str(image_path), plugin="napari-ar3d")
     viewer.layers.selection.active = image
     viewer._new_labels()
@@ -189,8 +180,8 @@ def test_get_reader_accepts_volumes_and_dicom_folders_only(scans, tmp_path: Path
 def test_contrast_limits_ct_window_or_mri_percentiles() -> None:
     mri = np.random.default_rng(5).gamma(2.0, 100.0, (40, 41, 42)).astype(np.float32)
     np.testing.assert_allclose(contrast_limits(mri), np.percentile(mri, [0.5, 99.5]), rtol=1e-5)
-    assert contrast_limits(_ct().astype(np.float32)) == CT_WINDOW  # values that look like HU
-    assert contrast_limits(mri, modality="CT") == CT_WINDOW
+    assert contrast_limits(_ct().astype(np.float32)) == CT_SOFT_TISSUE_HU  # values that look like HU
+    assert contrast_limits(mri, modality="CT") == CT_SOFT_TISSUE_HU
     flat = np.full((4, 5, 6), 3.0, np.float32)
     low, high = contrast_limits(flat)
     assert low == 3.0 and high > low
@@ -205,21 +196,21 @@ def test_reader_and_writer_do_not_import_torch(scans, tmp_path: Path) -> None:
         f"write_labels({str(tmp_path / 'x.nii.gz')!r}, (data > 0).astype(np.uint8), {{'affine': kwargs['affine']}})\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "x.nii.gz").is_file()
 
 
-def test_label_map_opens_as_labels_layer(make_napari_viewer, tmp_path: Path) -> None:
+def test_label_map_opens_as_labels_layer(viewer, tmp_path: Path) -> None:
     """A seg file (here float-typed, as in some public data) opens as a labels layer on the image's grid."""
     affine = np.diag([-0.8, -0.8, 2.5, 1.0])
     affine[:3, 3] = (10.0, -20.0, 30.0)
     labels = np.zeros((12, 10, 6), np.float32)
     labels[2:5, 3:6, 1:3] = 2
-    image_path = write_volume(tmp_path / "scan.nii.gz", np.random.default_rng(0).normal(size=labels.shape), affine, kind="float")
+    noise = np.random.default_rng(0).normal(size=labels.shape)
+    image_path = write_volume(tmp_path / "scan.nii.gz", noise, affine, kind="float")
     seg_path = tmp_path / "scan_seg.nii.gz"
     nib.save(nib.Nifti1Image(labels, affine), str(seg_path))  # float32 on disk
-    viewer = make_napari_viewer()
     image, = viewer.open(str(image_path), plugin="napari-ar3d")
     seg, = viewer.open(str(seg_path), plugin="napari-ar3d")
     assert isinstance(seg, napari.layers.Labels) and not isinstance(image, napari.layers.Labels)
@@ -228,16 +219,15 @@ def test_label_map_opens_as_labels_layer(make_napari_viewer, tmp_path: Path) -> 
     assert "class" not in seg.features  # no names beside it
 
 
-def test_label_map_gets_its_class_names_from_beside_it(make_napari_viewer, tmp_path: Path) -> None:
+def test_label_map_gets_its_class_names_from_beside_it(viewer, tmp_path: Path) -> None:
     """`<name>.labels.json` (as `ar3d segment` writes it) wins over the folder's labels.json."""
-    from model_core.io import write_label_names
+    from model_core.io.volume import write_label_names
 
     labels = np.zeros((8, 8, 4), np.uint8)
     labels[1:3, 1:3, 1] = 1
     labels[4:6, 4:6, 2] = 3
     seg_path = write_volume(tmp_path / "ct_seg.nii.gz", labels, np.eye(4), kind="labels")
     (tmp_path / "labels.json").write_text('{"1": "from the folder"}')
-    viewer = make_napari_viewer()
     seg, = viewer.open(str(seg_path), plugin="napari-ar3d")
     assert list(seg.features["class"]) == ["background", "from the folder"]
     written = write_label_names(seg_path, {1: "liver", 3: "kidney_left"})

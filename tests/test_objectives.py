@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from model_core.errors import Ar3dInputError
-from model_core.models import ViT3D, ViT3DConfig
-from model_core.objectives import (
+from model_core.models.vit import ViT3D, ViT3DConfig
+from model_core.objectives.autoregressive import (
     AutoregressiveObjective,
     MaskedAutoencoderObjective,
     build_objective,

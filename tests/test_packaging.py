@@ -20,7 +20,7 @@ def _python(code: str, cwd: Path | str | None = None, exe: str = sys.executable)
 
 def test_import_napari_ar3d_does_not_import_torch(tmp_path):
     code = (
-        "import sys, napari_ar3d, napari_ar3d._reader, napari_ar3d._writer, napari_ar3d._sample_data\n"
+        "import sys, napari_ar3d, napari_ar3d._reader, napari_ar3d._writer, napari_ar3d.sample_data.samples\n"
         "heavy = sorted(m for m in ('torch', 'monai', 'napari', 'qtpy') if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
@@ -32,7 +32,7 @@ def test_import_napari_ar3d_does_not_import_torch(tmp_path):
 def test_reader_on_a_file_does_not_import_torch(tmp_path):
     code = (
         "import sys, numpy as np\n"
-        "from model_core.io import write_volume\n"
+        "from model_core.io.volume import write_volume\n"
         f"p = write_volume({str(tmp_path / 'v.nii.gz')!r}, np.zeros((4, 5, 6), np.float32), np.eye(4), kind='float')\n"
         "from napari_ar3d._reader import napari_get_reader\n"
         "layers = napari_get_reader(str(p))(str(p))\n"
@@ -96,8 +96,8 @@ def test_wheel_installs_in_clean_venv(tmp_path):
         "assert importlib.util.find_spec('widgets') is None, 'generic top-level widgets installed'\n"
         "assert importlib.util.find_spec('sample_data') is None, 'generic top-level sample_data installed'\n"
         "assert 'site-packages' in napari_ar3d.sample_data.__file__\n"
-        "from napari_ar3d.sample_data.phantoms import make_ct_abdomen\n"
-        "from model_core.io import write_volume\n"
+        "from model_core.data.phantoms import make_ct_abdomen\n"
+        "from model_core.io.volume import write_volume\n"
         "ph = make_ct_abdomen(seed=1)\n"
         "p = write_volume('ct.nii.gz', ph.labels, ph.affine, kind='labels')\n"
         "from napari_ar3d._reader import napari_get_reader\n"

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from model_core.errors import Ar3dInputError
-from napari_ar3d.sample_data.phantoms import (
+from model_core.data.phantoms import (
     Phantom,
     insert_unexpected_object,
     make_brain_mri,
     make_ct_abdomen,
 )
+from model_core.errors import Ar3dInputError
 
 GENERATORS = [make_ct_abdomen, make_brain_mri]
 SEEDS = [0, 1, 2]

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_aligned, napari_world_to_ras
 
-from napari_ar3d.sample_data.phantoms import make_brain_mri, make_ct_abdomen
+from model_core.data.phantoms import make_brain_mri, make_ct_abdomen
 
 napari = pytest.importorskip("napari")
-
-
-def lps_to_ras(world_zyx: np.ndarray) -> np.ndarray:
-    """napari world (LPS mm as z, y, x) to RAS mm (x, y, z)."""
-    z, y, x = world_zyx
-    return np.array([-x, -y, z])
-
-
-def assert_aligned(layer, reference) -> None:
-    assert layer.data.shape == reference.data.shape
-    np.testing.assert_allclose(layer.affine.affine_matrix, reference.affine.affine_matrix)
-    np.testing.assert_allclose(layer.scale, reference.scale)
-    np.testing.assert_allclose(layer.translate, reference.translate)
 
 
 def class_of(labels_layer, value: int) -> str:
@@ -28,8 +16,7 @@ def class_of(labels_layer, value: int) -> str:
     return features.loc[features["index"] == value, "class"].item()
 
 
-def test_ct_abdomen_sample(make_napari_viewer):
-    viewer = make_napari_viewer()
+def test_ct_abdomen_sample(viewer):
     viewer.open_sample("napari-ar3d", "ct_abdomen")
     assert [layer.name for layer in viewer.layers] == ["ct_abdomen", "ct_abdomen labels"]
     image, labels = viewer.layers
@@ -51,16 +38,16 @@ def test_ct_abdomen_sample(make_napari_viewer):
     assert labels.colormap.map(np.array([0]))[0][3] == 0.0  # background transparent
 
     liver_kji = np.argwhere(labels.data == 1)
-    ras = np.array([lps_to_ras(labels.data_to_world(v)) for v in liver_kji[:: max(1, len(liver_kji) // 200)]])
+    every = max(1, len(liver_kji) // 200)
+    ras = np.array([napari_world_to_ras(labels.data_to_world(v)) for v in liver_kji[::every]])
     assert np.median(ras[:, 0]) > 0  # the liver is on the patient's right: +x in RAS
     i, j, k = liver_kji[0][::-1]
     np.testing.assert_allclose(ras[0], phantom.affine[:3, :3] @ [i, j, k] + phantom.affine[:3, 3], atol=1e-6)
     spleen_kji = np.argwhere(labels.data == 2)
-    assert lps_to_ras(labels.data_to_world(spleen_kji[len(spleen_kji) // 2]))[0] < 0
+    assert napari_world_to_ras(labels.data_to_world(spleen_kji[len(spleen_kji) // 2]))[0] < 0
 
 
-def test_brain_mri_sample(make_napari_viewer):
-    viewer = make_napari_viewer()
+def test_brain_mri_sample(viewer):
     viewer.open_sample("napari-ar3d", "brain_mri")
     names = [layer.name for layer in viewer.layers]
     assert names == ["brain_mri t1n", "brain_mri t1c", "brain_mri t2w", "brain_mri t2f", "brain_mri labels"]
@@ -79,7 +66,7 @@ def test_brain_mri_sample(make_napari_viewer):
 
     # The tumour shows in the same hemisphere in napari's world as in the phantom's RAS geometry.
     tumour_kji = np.argwhere(labels.data == 5)
-    napari_x_ras = lps_to_ras(labels.data_to_world(tumour_kji.mean(0)))[0]
+    napari_x_ras = napari_world_to_ras(labels.data_to_world(tumour_kji.mean(0)))[0]
     i_mean = np.argwhere(phantom.labels == 5)[:, 0].mean()
     assert napari_x_ras == pytest.approx(phantom.affine[0, 0] * i_mean + phantom.affine[0, 3], abs=1e-6)
     assert abs(napari_x_ras) > 10.0

@@ -7,9 +7,7 @@ import torch
 from monai.losses import MaskedDiceLoss
 
 from model_core.errors import Ar3dInputError, CheckpointError
-from model_core.finetune import IGNORE, SegmentationObjective, dice_ce_loss
-from model_core.models import ViT3D, ViT3DConfig
-from model_core.segmentation import (
+from model_core.models.segmentation import (
     LIGHT_LEVELS,
     LightDecoder,
     SegmentationModel,
@@ -19,6 +17,9 @@ from model_core.segmentation import (
     light_features,
     model_from_config,
 )
+from model_core.models.vit import ViT3D, ViT3DConfig
+from model_core.objectives.segmentation import SegmentationObjective, dice_ce_loss
+from model_core.vocabulary import IGNORE
 
 TINY = {"patch_size": 8, "width": 48, "depth": 4, "heads": 2}
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from model_core.checkpoint import load_checkpoint, make_config
+from model_core.checkpoint.store import load_checkpoint, make_config
 from model_core.errors import Ar3dInputError, CheckpointError
-from model_core.models import ViT3D, ViT3DConfig
-from model_core.objectives import build_objective
-from model_core.train import LOSS_LOG, LOSS_LOG_COLUMNS, StepBatchSampler, TrainConfig, _truncate_log, lr_factor, train
+from model_core.models.vit import ViT3D, ViT3DConfig
+from model_core.objectives.autoregressive import build_objective
+from model_core.training.loop import (
+    LOSS_LOG,
+    LOSS_LOG_COLUMNS,
+    StepBatchSampler,
+    TrainConfig,
+    _truncate_log,
+    lr_factor,
+    train,
+)
 
 ENCODER = dict(patch_size=8, width=24, depth=2, heads=2)
 SHAPE = (4, 16, 16, 8)  # S sub-volumes of (X, Y, Z): 2*2*1 patches each, 16 tokens
@@ -69,6 +78,18 @@ def test_loss_falls(tmp_path):
     assert ckpt.config["provenance"]["steps"] == 80 and ckpt.config["provenance"]["seed"] == 3
     assert ckpt.config["provenance"]["metrics"]["loss"] == pytest.approx(losses[-1])
     assert torch.equal(ckpt.state_dict["head.proj.weight"], objective.head.proj.weight.detach())
+
+
+def test_loss_log_rows_have_the_documented_format(tmp_path):
+    objective, config = _objective()
+    result = train(objective, WavesDataset(), _cfg(steps=5, log_every=2), tmp_path / "run", checkpoint_config=config)
+    lines = (tmp_path / "run" / LOSS_LOG).read_text().splitlines()
+    assert lines[0] == ",".join(LOSS_LOG_COLUMNS)
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows] == ["2", "4", "5"]  # every log_every steps, and the last step
+    assert [r[1] for r in rows] == [f"{loss:.6g}" for step, loss in result.history if step in (2, 4, 5)]
+    assert all(re.fullmatch(r"\d+\.\d", r[3]) and re.fullmatch(r"\d+\.\d\d", r[4]) for r in rows)
+    assert float(rows[0][4]) <= float(rows[1][4]) <= float(rows[2][4]) <= result.wall_time_s + 0.01
 
 
 def test_resume_after_kill_equals_one_run(tmp_path):
@@ -174,7 +195,7 @@ def test_existing_checkpoint_needs_resume(tmp_path):
 
 
 def test_resume_of_a_checkpoint_without_train_state_is_refused(tmp_path):
-    from model_core.checkpoint import save_checkpoint
+    from model_core.checkpoint.store import save_checkpoint
 
     objective, config = _objective()
     save_checkpoint(tmp_path / "final", objective.state_dict(), config)

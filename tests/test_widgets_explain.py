@@ -6,37 +6,26 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_widgets_common import (
-    add_ct,
-    assert_aligned,
-    ct_phantom,
-    dock,
-    errors,
-    notifications,
-    tiny_ar_checkpoint,
-    tiny_segmenter,
-    wait_idle,
-)
+from conftest import assert_aligned
 
 
 @pytest.fixture
-def widget(make_napari_viewer):
+def widget(docked, tiny_ar_checkpoint):
     from napari_ar3d.widgets.explain import ExplainWidget
 
-    viewer = make_napari_viewer()
-    w = dock(viewer, ExplainWidget(viewer))
-    w.picker.open_folder(tiny_ar_checkpoint())
+    w = docked(ExplainWidget)
+    w.picker.open_folder(tiny_ar_checkpoint)
     return w
 
 
 @pytest.fixture(scope="module")
-def core():
+def core(tiny_ar_checkpoint, ct_phantom):
     """The model and the phantom volume, from the checkpoint and the phantom's own geometry."""
-    from model_core.explain import load_explain_model
-    from model_core.io import Volume
+    from model_core.inference.explain import load_explain_model
+    from model_core.io.volume import Volume
 
     phantom = ct_phantom(0)
-    return load_explain_model(tiny_ar_checkpoint(), "cpu"), Volume(phantom.images["ct"], phantom.affine)
+    return load_explain_model(tiny_ar_checkpoint, "cpu"), Volume(phantom.images["ct"], phantom.affine)
 
 
 def _click(widget, image, ijk) -> None:
@@ -50,15 +39,15 @@ def _click(widget, image, ijk) -> None:
         next(callback)
 
 
-def test_a_click_shows_the_attention_of_that_voxel_aligned_with_the_image(widget, qtbot, core):
-    from model_core.explain import attention_map
+def test_a_click_shows_the_attention_of_that_voxel_aligned_with_the_image(widget, core, add_ct, wait_idle):
+    from model_core.inference.explain import attention_map
 
     viewer = widget.viewer
     image, _ = add_ct(viewer)
     viewer.window.show()  # the callback answers only while the widget is visible
     query = (30, 25, 14)
     _click(widget, image, query)
-    wait_idle(qtbot, widget.panel)
+    wait_idle(widget.panel)
     points = viewer.layers["ct query"]
     for name in ("scale", "translate"):
         assert np.allclose(getattr(points, name), getattr(image, name))
@@ -74,22 +63,23 @@ def test_a_click_shows_the_attention_of_that_voxel_aligned_with_the_image(widget
     assert viewer.layers.selection.active is image  # the next click lands on the image again
 
 
-def test_a_second_query_updates_the_layer_in_place_and_reuses_the_grid(widget, qtbot, core, monkeypatch):
-    import model_core.explain
-    from model_core.explain import attention_map
+def test_a_second_query_updates_the_layer_in_place_and_reuses_the_grid(widget, core, monkeypatch, add_ct,
+                                                                       wait_idle):
+    import model_core.inference.explain
+    from model_core.inference.explain import attention_map
 
     calls = []
-    real_prepare = model_core.explain.prepare
-    monkeypatch.setattr(model_core.explain, "prepare", lambda *a: calls.append(1) or real_prepare(*a))
+    real_prepare = model_core.inference.explain.prepare
+    monkeypatch.setattr(model_core.inference.explain, "prepare", lambda *a: calls.append(1) or real_prepare(*a))
     viewer = widget.viewer
     image, _ = add_ct(viewer)
     widget.attention((30, 25, 14))
-    wait_idle(qtbot, widget.panel)
+    wait_idle(widget.panel)
     layer = viewer.layers["ct attention"]
     first = np.array(layer.data)
     points = widget.query_layer(image)
     points.data = np.array([[10.0, 40.0, 20.0]])  # moving the query point (k, j, i) asks again
-    wait_idle(qtbot, widget.panel)
+    wait_idle(widget.panel)
     assert len(calls) == 1  # the prepared grid was cached
     assert viewer.layers["ct attention"] is layer
     assert not np.allclose(layer.data, first)
@@ -97,14 +87,15 @@ def test_a_second_query_updates_the_layer_in_place_and_reuses_the_grid(widget, q
 
 
 @pytest.mark.parametrize("button", ["Next-token prediction", "Surprise map", "PCA features"])
-def test_whole_volume_maps_are_aligned_and_updated_in_place(widget, qtbot, core, button):
-    import model_core.explain as explain
+def test_whole_volume_maps_are_aligned_and_updated_in_place(widget, core, button, add_ct, wait_idle):
     from napari_ar3d.widgets.explain import MAPS
+
+    from model_core.inference import explain
 
     viewer = widget.viewer
     image, _ = add_ct(viewer)
     widget.map_buttons[button].click()
-    wait_idle(qtbot, widget.panel)
+    wait_idle(widget.panel)
     suffix, function = MAPS[button]
     layer = viewer.layers[f"ct {suffix}"]
     assert_aligned(layer, image)
@@ -114,31 +105,32 @@ def test_whole_volume_maps_are_aligned_and_updated_in_place(widget, qtbot, core,
         assert layer.rgb and layer.data.shape == (*image.data.shape, 3)
     n_layers = len(viewer.layers)
     widget.map_buttons[button].click()
-    wait_idle(qtbot, widget.panel)
+    wait_idle(widget.panel)
     assert viewer.layers[f"ct {suffix}"] is layer and len(viewer.layers) == n_layers
 
 
-def test_no_image_layer_and_a_model_without_next_token_head_are_notifications(widget, qtbot):
+def test_no_image_layer_and_a_model_without_next_token_head_are_notifications(widget, add_ct, notifications,
+                                                                              tiny_segmenter):
     viewer = widget.viewer
     with notifications() as seen:
         widget.compute_map("Surprise map")
-    assert any("no image layer" in m for m in errors(seen))
+    assert any("no image layer" in m for m in seen.errors)
     add_ct(viewer)
-    widget.picker.open_folder(tiny_segmenter())
+    widget.picker.open_folder(tiny_segmenter)
     names = [layer.name for layer in viewer.layers]
     with notifications() as seen:
         widget.attention((5, 5, 5))
         widget.compute_map("PCA features")
-    assert sum("no next-token head" in m for m in errors(seen)) == 2
+    assert sum("no next-token head" in m for m in seen.errors) == 2
     assert not widget.panel.busy
     assert [layer.name for layer in viewer.layers] == names
 
 
-def test_a_click_outside_the_volume_is_a_notification(widget):
+def test_a_click_outside_the_volume_is_a_notification(widget, add_ct, notifications):
     viewer = widget.viewer
     image, _ = add_ct(viewer)
     outside = image.data_to_world(np.array([-5.0, 10.0, 10.0]))
     with notifications() as seen:
         widget.click(tuple(outside))
-    assert any("outside image 'ct'" in m for m in errors(seen))
+    assert any("outside image 'ct'" in m for m in seen.errors)
     assert "ct query" not in viewer.layers and not widget.panel.busy

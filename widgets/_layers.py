@@ -1,4 +1,4 @@
-"""napari layers <-> `model_core.io.Volume`, and output layers aligned with their image.
+"""napari layers <-> `model_core.io.volume.Volume`, and output layers aligned with their image.
 
 Geometry (docs/architecture.md): layer data is `(k, j, i)`, the layer's full data-to-world
 transform (affine composed with scale / translate / rotate / shear, as napari composes it) maps it
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from model_core.errors import Ar3dInputError
-from model_core.io import Volume, from_napari
+from model_core.io.volume import Volume, from_napari
 from napari_ar3d._writer import data_to_world
 
 TRANSFORM_ATTRS = ("scale", "translate", "rotate", "shear")
@@ -122,7 +122,7 @@ def percentile_limits(data: np.ndarray, low: float, high: float, mask: np.ndarra
 
 def class_colors(classes: list[str]) -> dict:
     """napari labels colormap for label values 1..K named `classes` (anatomical colours for known names)."""
-    from napari_ar3d.sample_data.phantoms import CT_CLASSES, CT_COLORS, MRI_CLASSES, MRI_COLORS
+    from model_core.data.phantoms import CT_CLASSES, CT_COLORS, MRI_CLASSES, MRI_COLORS
 
     known = {name: CT_COLORS[v] for v, name in CT_CLASSES.items()}
     known.update({name: MRI_COLORS[v] for v, name in MRI_CLASSES.items()})

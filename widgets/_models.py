@@ -8,6 +8,7 @@ model fine-tuned by the Fine-tune widget is selected in the pickers that segment
 
 from __future__ import annotations
 
+import html
 import shutil
 import tempfile
 import weakref
@@ -15,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_ar3d.widgets._layers import real_viewer
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QWidget
 
 from model_core.errors import Ar3dInputError
-from napari_ar3d.widgets._layers import real_viewer
+from model_core.vocabulary import DEVICES
 
 CHOOSE_FOLDER = "Choose folder…"
-DEVICES = ("auto", "cpu", "cuda", "mps")
 ROLE_OBJECTIVES = {  # the objectives a picker's default model may have, by the picker's role
     "segment": ("segmentation",),
     "explain": ("ar",),  # next-token prediction and surprise need the AR head
@@ -45,7 +46,7 @@ class ModelRegistry(QObject):
 
     def __init__(self) -> None:
         super().__init__()
-        from model_core.checkpoint import list_shipped
+        from model_core.checkpoint.store import list_shipped
 
         self.entries: list[ModelEntry] = [ModelEntry(name, name) for name in list_shipped()]
         self._session_dir: Path | None = None
@@ -80,38 +81,11 @@ def registry_for(viewer: Any) -> ModelRegistry:
 
 
 def model_card(config: dict) -> str:
-    """A few lines about a checkpoint from its config.json: what it does, classes, spacing, modality, data, steps."""
-    heads = config.get("heads") or {}
-    provenance = config.get("provenance") or {}
-    encoder = config.get("encoder") or {}
-    if "segmentation" in heads:
-        kind = f"segmentation model ({provenance.get('mode', 'fine-tuned')} fine-tuning)"
-    elif "next_token" in heads:
-        kind = "autoregressive encoder (explain; fine-tune it to segment)"
-    else:
-        kind = f"encoder ({config.get('objective') or 'no head'}; fine-tune it to segment)"
-    spacing = (config.get("preprocessing") or {}).get("spacing")
-    data = provenance.get("data") or []
-    data = [data] if isinstance(data, str) else list(data)
-    lines = [
-        f"<b>{kind}</b>",
-        f"classes: {', '.join(config.get('classes') or []) or '—'}",
-        f"spacing: {' × '.join(f'{s:g}' for s in spacing) + ' mm' if spacing else 'as the input'}",
-        f"modality: {config.get('modality', 'any')}",
-        f"encoder: ViT, {encoder.get('depth', '?')} blocks, width {encoder.get('width', '?')}, "
-        f"patch {encoder.get('patch_size', '?')}³",
-        f"training data: {'; '.join(_shorten(str(d)) for d in data[:3]) or 'not recorded'}"
-        + (f" (+{len(data) - 3} more)" if len(data) > 3 else ""),
-        f"steps: {provenance.get('steps', 'not recorded')}",
-    ]
-    metrics = provenance.get("metrics") or {}
-    if metrics:
-        lines.append("final " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float))))
-    return "<br>".join(lines)
+    """A few lines about a checkpoint from its config.json (`model_core.checkpoint.card.picker_lines`), as HTML."""
+    from model_core.checkpoint.card import picker_lines
 
-
-def _shorten(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    kind, *rest = (html.escape(line) for line in picker_lines(config))
+    return "<br>".join([f"<b>{kind}</b>", *rest])
 
 
 class ModelPicker(QWidget):
@@ -186,7 +160,7 @@ class ModelPicker(QWidget):
 
     def add_folder(self, folder: str | Path) -> ModelEntry:
         """Add a checkpoint folder after checking its config.json; raises `Ar3dInputError` if it cannot be read."""
-        from model_core.checkpoint import read_config
+        from model_core.checkpoint.store import read_config
 
         folder = Path(folder).expanduser().resolve()
         read_config(folder)  # a CheckpointError names the folder and the problem
@@ -198,7 +172,7 @@ class ModelPicker(QWidget):
 
     def _default_index(self) -> int:
         """The first model whose objective suits the role (Segment: a segmenter; else an encoder)."""
-        from model_core.checkpoint import read_config, resolve_model
+        from model_core.checkpoint.store import read_config, resolve_model
 
         wanted = ROLE_OBJECTIVES[self.role]
         for i, entry in enumerate(self.registry.entries):
@@ -226,7 +200,7 @@ class ModelPicker(QWidget):
         self._current = index
         self._config, text = None, ""
         if self.entry is not None:
-            from model_core.checkpoint import read_config, resolve_model
+            from model_core.checkpoint.store import read_config, resolve_model
 
             try:
                 self._config = read_config(resolve_model(self.entry.source))

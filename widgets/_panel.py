@@ -5,18 +5,26 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
-
-from model_core.errors import Ar3dInputError
 from napari_ar3d.widgets._jobs import Job, JobCall, Notice, Outcome, start_job
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from model_core.errors import Ar3dError
 
 
 def report_error(exc: BaseException) -> None:
     """Show a job's exception as a napari notification with a sentence the user can act on."""
     from napari.utils.notifications import notification_manager, show_error
 
-    if isinstance(exc, Ar3dInputError):
+    if isinstance(exc, Ar3dError):  # bad input, the machine's limits, a failed training run
         show_error(str(exc))
     elif type(exc).__name__ == "OutOfMemoryError":  # torch's, also on the CPU fallback
         show_error(f"Out of memory ({str(exc).splitlines()[0][:120]}). Close other programs that use this memory "

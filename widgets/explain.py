@@ -2,7 +2,7 @@
 
 Click a voxel (pan / zoom mode, a click without dragging) or add a point to the "<image> query"
 points layer: the attention map of that voxel appears as "<image> attention". Buttons compute the
-next-token prediction, the surprise map and the PCA features (`model_core.explain`, the same
+next-token prediction, the surprise map and the PCA features (`model_core.inference.explain`, the same
 functions as `ar3d explain`). The image's model grid (`explain.prepare`) is cached per layer and
 model, so a click only runs the encoder on one window.
 """
@@ -15,6 +15,18 @@ from typing import Any, Callable
 
 import napari
 import numpy as np
+from napari_ar3d.widgets._jobs import preload, run_on_device
+from napari_ar3d.widgets._layers import (
+    aligned_kwargs,
+    check_volume_layer,
+    layer_volume,
+    percentile_limits,
+    real_viewer,
+    show_output,
+    to_layer_data,
+)
+from napari_ar3d.widgets._models import ModelPicker
+from napari_ar3d.widgets._panel import JobPanel, LayerCombo
 from qtpy.QtWidgets import (
     QCheckBox,
     QFormLayout,
@@ -28,20 +40,8 @@ from qtpy.QtWidgets import (
 )
 
 from model_core.errors import Ar3dInputError
-from napari_ar3d.widgets._jobs import preload, run_on_device
-from napari_ar3d.widgets._layers import (
-    aligned_kwargs,
-    check_volume_layer,
-    layer_volume,
-    percentile_limits,
-    real_viewer,
-    show_output,
-    to_layer_data,
-)
-from napari_ar3d.widgets._models import ModelPicker
-from napari_ar3d.widgets._panel import JobPanel, LayerCombo
 
-MAPS = {  # button text -> (output suffix, model_core.explain function name)
+MAPS = {  # button text -> (output suffix, model_core.inference.explain function name)
     "Next-token prediction": ("prediction", "next_token_prediction"),
     "Surprise map": ("surprise", "surprise_map"),
     "PCA features": ("PCA", "pca_features"),
@@ -57,8 +57,8 @@ class ExplainState:
         self.grids: dict[int, tuple[tuple, Any]] = {}  # id(layer) -> (key, ModelGrid)
 
     def load(self, source: str, device: Any) -> Any:
-        from model_core.checkpoint import WEIGHTS_FILE, resolve_model
-        from model_core.explain import load_explain_model
+        from model_core.checkpoint.store import WEIGHTS_FILE, resolve_model
+        from model_core.inference.explain import load_explain_model
 
         folder = resolve_model(source)
         weights = Path(folder) / WEIGHTS_FILE
@@ -70,7 +70,7 @@ class ExplainState:
 
     def grid(self, layer_id: int, data_id: int, volume: Any) -> Any:
         """`explain.prepare(model, volume)`, reused while the layer's data and the model are the same."""
-        from model_core.explain import prepare
+        from model_core.inference.explain import prepare
 
         key = (self.model_key, data_id)
         cached = self.grids.get(layer_id)
@@ -106,7 +106,7 @@ class ExplainWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer = real_viewer(napari_viewer)
-        preload("model_core.explain")
+        preload("model_core.inference.explain")
         self.state = ExplainState()
         self._pending: tuple[Any, tuple[int, int, int]] | None = None
 
@@ -242,8 +242,9 @@ class ExplainWidget(QWidget):
 
     def attention(self, query_ijk: tuple[int, int, int], image: Any | None = None) -> None:
         """The attention map of voxel `query_ijk` (file order i, j, k) of `image` (default: the selected one)."""
-        from model_core.explain import attention_map
         from napari.utils.notifications import show_error
+
+        from model_core.inference.explain import attention_map
 
         if self.panel.busy:
             self._pending = (image or self.image_combo.layer, tuple(query_ijk))
@@ -276,8 +277,9 @@ class ExplainWidget(QWidget):
 
     def compute_map(self, text: str) -> None:
         """Run one of `MAPS` ("Next-token prediction", "Surprise map", "PCA features") on the selected image."""
-        import model_core.explain as explain
         from napari.utils.notifications import show_error
+
+        import model_core.inference.explain as explain
 
         if self.panel.busy:
             return

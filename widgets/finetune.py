@@ -1,6 +1,6 @@
 """Fine-tune: train a segmentation model on (image, labels) layer pairs painted in napari.
 
-It calls `model_core.finetune.finetune` (the same function as `ar3d finetune`) on copies of the
+It calls `model_core.training.finetune.finetune` (the same function as `ar3d finetune`) on copies of the
 layers, shows the loss and Dice live, and on success adds the model to this viewer's model list,
 selected in the Segment widget. Cancel stops training within a step and drops the partial model:
 the model in use does not change. The user's labels layers are only read, never modified.
@@ -16,6 +16,17 @@ from typing import Any
 
 import napari
 import numpy as np
+from napari_ar3d.widgets._jobs import preload, run_on_device
+from napari_ar3d.widgets._layers import (
+    check_volume_layer,
+    label_names,
+    label_values,
+    layer_volume,
+    real_viewer,
+    same_grid,
+)
+from napari_ar3d.widgets._models import ModelEntry, ModelPicker
+from napari_ar3d.widgets._panel import JobPanel, LayerCombo
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
@@ -35,19 +46,8 @@ from qtpy.QtWidgets import (
 )
 
 from model_core.errors import Ar3dInputError
-from napari_ar3d.widgets._jobs import preload, run_on_device
-from napari_ar3d.widgets._layers import (
-    check_volume_layer,
-    label_names,
-    label_values,
-    layer_volume,
-    real_viewer,
-    same_grid,
-)
-from napari_ar3d.widgets._models import ModelEntry, ModelPicker
-from napari_ar3d.widgets._panel import JobPanel, LayerCombo
+from model_core.vocabulary import ANNOTATIONS, DEFAULT_STEPS, TRAINING_MODES
 
-DEFAULT_STEPS = {"head": 400, "full": 300}  # as model_core.finetune.FinetuneConfig
 _RUNS = count(1)
 
 
@@ -63,8 +63,8 @@ class TrainingRequest:
 
 
 def finetune_job(request: TrainingRequest, device: str, progress: Any, should_stop: Any, notify: Any) -> Any:
-    """`model_core.finetune.finetune` in a worker (on the CPU if the GPU runs out of memory); touches no Qt."""
-    from model_core.finetune import FinetuneConfig, finetune
+    """`model_core.training.finetune.finetune` in a worker (on the CPU if the GPU runs out of memory); touches no Qt."""
+    from model_core.training.finetune import FinetuneConfig, finetune
 
     def run(dev: Any) -> Any:
         cfg = FinetuneConfig(**request.options, device=str(dev))
@@ -151,8 +151,8 @@ class FinetuneWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer = real_viewer(napari_viewer)
-        preload("model_core.finetune", "model_core.infer")
-        self.options: dict = {}  # extra FinetuneConfig fields for scripts (e.g. roi, crops_per_scan)
+        preload("model_core.training.finetune", "model_core.inference.segment")
+        self.options: dict = {}  # extra FinetuneConfig fields for scripts (e.g. window, crops_per_scan)
         self.last_model: Path | None = None
 
         self.picker = ModelPicker(napari_viewer, "finetune")
@@ -163,8 +163,8 @@ class FinetuneWidget(QWidget):
         self.pairs_table.setMaximumHeight(110)
         add_pair, remove_pair = QPushButton("+ pair"), QPushButton("− pair")
         self.annotation_combo = QComboBox()
-        self.annotation_combo.addItems(["full", "sparse"])
-        self.annotation_combo.setToolTip("full: every voxel labelled, 0 = background; "
+        self.annotation_combo.addItems(list(ANNOTATIONS))
+        self.annotation_combo.setToolTip("dense: every voxel labelled, 0 = background; "
                                          "sparse: scribbles, 0 = not annotated, one label is the background")
         self.background_combo = QComboBox()
         self.background_combo.setToolTip("sparse annotation: the label value painted on background")
@@ -175,7 +175,7 @@ class FinetuneWidget(QWidget):
         self.classes_table.setMaximumHeight(150)
         refresh = QPushButton("Find classes in the labels")
         self.mode_combo = QComboBox()
-        self.mode_combo.addItems(list(DEFAULT_STEPS))
+        self.mode_combo.addItems(list(TRAINING_MODES))
         self.mode_combo.setToolTip("head: frozen encoder, fast on a CPU; full: the whole network (a GPU helps)")
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 100_000)
@@ -407,8 +407,9 @@ class FinetuneWidget(QWidget):
 
     def save_model(self, folder: str | Path) -> Path | None:
         """Save the last fine-tuned model to `folder` (new or empty) as a checkpoint; errors become notifications."""
-        from model_core.checkpoint import load_checkpoint, save_checkpoint
         from napari.utils.notifications import show_error, show_info
+
+        from model_core.checkpoint.store import load_checkpoint, save_checkpoint
 
         folder = Path(folder)
         try:

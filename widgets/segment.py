@@ -1,4 +1,4 @@
-"""Segment: run a segmentation model on an image layer (the same `model_core.infer.segment` as `ar3d segment`).
+"""Segment: run a segmentation model on an image layer (the same `model_core.inference.segment.segment` as `ar3d segment`).
 
 The result is a labels layer "<image> segmentation" (class names in its features, one colour per
 class), optionally "<image> probability" and "<image> uncertainty" image layers; all carry the
@@ -14,9 +14,6 @@ from typing import Any
 
 import napari
 import numpy as np
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QPushButton, QVBoxLayout, QWidget
-
-from model_core.errors import Ar3dInputError
 from napari_ar3d.widgets._jobs import preload, run_on_device
 from napari_ar3d.widgets._layers import (
     check_volume_layer,
@@ -30,6 +27,17 @@ from napari_ar3d.widgets._layers import (
 )
 from napari_ar3d.widgets._models import ModelPicker
 from napari_ar3d.widgets._panel import JobPanel, LayerCombo
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from model_core.errors import Ar3dInputError
 
 ANY_CLASS = "any class"
 
@@ -53,8 +61,8 @@ class SegmenterCache:
         self.segmenter: Any = None
 
     def get(self, source: str) -> Any:
-        from model_core.checkpoint import WEIGHTS_FILE, resolve_model
-        from model_core.infer import load_segmenter
+        from model_core.checkpoint.store import WEIGHTS_FILE, resolve_model
+        from model_core.inference.segment import load_segmenter
 
         folder = resolve_model(source)
         weights = Path(folder) / WEIGHTS_FILE
@@ -76,7 +84,7 @@ def segment_job(
     notify: Any,
 ) -> SegmentOutput:
     """Load (or reuse) the model and segment `volume`; runs in a worker, touches no Qt."""
-    from model_core.infer import segment
+    from model_core.inference.segment import segment
 
     segmenter = cache.get(source)
 
@@ -102,7 +110,7 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer = real_viewer(napari_viewer)
-        preload("model_core.infer")
+        preload("model_core.inference.segment")
         self.cache = SegmenterCache()
 
         self.image_combo = LayerCombo(napari_viewer, "image")

@@ -4,7 +4,7 @@ Every phantom is drawn from its seed alone (`np.random.default_rng(seed)`), so t
 bit-identical arrays. Anatomy is defined in millimetres in patient coordinates, so a finer or
 coarser voxel grid shows the same anatomy with more or fewer voxels.
 
-Geometry follows `model_core.io.Volume`: arrays are indexed `(i, j, k)` like nibabel, and
+Geometry follows `model_core.io.volume.Volume`: arrays are indexed `(i, j, k)` like nibabel, and
 `Phantom.affine` maps `(i, j, k, 1)` to world millimetres in RAS+ (x to the patient's Right,
 y Anterior, z Superior). The CT is stored with DICOM-like voxel axes (i runs to the patient's left,
 j to posterior, k to superior: affine diag(-s, -s, s)); the MRI with RAS voxel axes (affine
@@ -23,14 +23,15 @@ import numpy as np
 from scipy import ndimage
 
 from model_core.errors import Ar3dInputError
+from model_core.vocabulary import CONTRASTS
 
 __all__ = [
-    "Phantom",
     "CT_CLASSES",
     "MRI_CLASSES",
-    "make_ct_abdomen",
-    "make_brain_mri",
+    "Phantom",
     "insert_unexpected_object",
+    "make_brain_mri",
+    "make_ct_abdomen",
 ]
 
 CT_CLASSES: dict[int, str] = {
@@ -73,7 +74,6 @@ MRI_COLORS: dict[int, tuple[float, float, float, float]] = {
     5: (0.95, 0.85, 0.15, 1.0),  # enhancing tumor: yellow (BraTS)
     6: (0.85, 0.15, 0.15, 1.0),  # necrosis: red (BraTS)
 }
-MRI_CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
 
 
 @dataclass
@@ -120,7 +120,57 @@ def make_ct_abdomen(
     sets the spacing, so the body fits whatever the `shape`.
     """
     shape = _check_shape(shape, "make_ct_abdomen")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # every step below draws from it, in this order
+    affine, c = _ct_canvas(rng, shape, spacing)
+    body, cavity = _paint_body_wall(c)
+    _paint_thorax_and_upper_organs(c, cavity)
+    _paint_stomach(c, cavity)
+    _paint_kidneys(c, cavity)
+    _paint_bowel(c, cavity & (c.labels == 0))
+    _paint_vessels_and_muscles(c)
+    _paint_spine(c)
+    return Phantom(
+        images={"ct": _ct_intensities(c)},
+        labels=c.labels,
+        class_names=dict(CT_CLASSES),
+        affine=affine,
+        modality="CT",
+        colors=dict(CT_COLORS),
+        extra={"body": body},
+    )
+
+
+@dataclass
+class _CTCanvas:
+    """A CT being painted: warped patient coordinates (mm) and the HU and label maps, all (I, J, K)."""
+
+    rng: np.random.Generator
+    u: np.ndarray  # mm to the patient's right
+    v: np.ndarray  # mm anterior
+    t: np.ndarray  # mm below the top of the field of view
+    axes: tuple[np.ndarray, ...]  # the unwarped RAS position of the voxels along each axis: (I,), (J,), (K,)
+    box: tuple  # the physical box of the noise lattices ((lo, hi) mm per axis)
+    hu: np.ndarray  # float32, air (-1000) until painted
+    labels: np.ndarray  # uint8, background (0) until painted
+
+    def jitter(self) -> float:
+        """A per-structure HU offset."""
+        return self.rng.normal(0.0, 6.0)
+
+    def paint(self, mask: np.ndarray, value: float, label: int | None = None) -> None:
+        """Set HU in `mask`, and the label unless None (None: a detail inside the organ already there)."""
+        self.hu[mask] = value
+        if label is not None:
+            self.labels[mask] = label
+
+    def ellipsoid(self, centre: tuple, semi: tuple, rot_deg: float = 0.0) -> np.ndarray:
+        return _ellipsoid(self.u, self.v, self.t, centre, semi, rot_deg)
+
+
+def _ct_canvas(
+    rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float] | None
+) -> tuple[np.ndarray, _CTCanvas]:
+    """Draw the patient's size, the field of view and the warp: the affine and an empty canvas (air)."""
     body_scale = rng.uniform(0.9, 1.05)  # in-plane size of the patient
     cc_scale = rng.uniform(0.9, 1.1)  # craniocaudal size of the organs
     fov_mm = (rng.uniform(340.0, 420.0) * body_scale, rng.uniform(180.0, 260.0))  # drawn whatever `spacing`
@@ -135,94 +185,85 @@ def make_ct_abdomen(
     z_top = fov_centre[2] + 0.5 * fov_mm[1]  # the top slice when `spacing` is random; anatomy hangs from it
     axes, box = (x, y, z_top - z), ((-260.0, 260.0), (-260.0, 260.0), (-20.0, 320.0))  # t: mm below z_top
     u, v, t = _warped_grid(rng, axes, box, amplitude_mm=rng.uniform(4.0, 8.0), scale_mm=70.0)
-    u, v, t = u / body_scale, v / body_scale, t / cc_scale
+    hu, labels = np.full(shape, -1000.0, np.float32), np.zeros(shape, np.uint8)
+    return affine, _CTCanvas(rng, u / body_scale, v / body_scale, t / cc_scale, axes, box, hu, labels)
 
-    labels = np.zeros(shape, np.uint8)
-    hu = np.full(shape, -1000.0, np.float32)
 
-    def jitter() -> float:  # per-structure HU offset
-        return rng.normal(0.0, 6.0)
-
-    def paint(mask: np.ndarray, value: float, label: int | None = None) -> None:
-        """Set HU in `mask`, and the label unless None (None: a detail inside the organ already there)."""
-        hu[mask] = value
-        if label is not None:
-            labels[mask] = label
-
-    # Body wall: skin, subcutaneous fat, muscle, then visceral fat inside the abdominal cavity.
+def _paint_body_wall(c: _CTCanvas) -> tuple[np.ndarray, np.ndarray]:
+    """Skin, subcutaneous fat, muscle, the visceral fat of the abdominal cavity, ribs: the (body, cavity) masks."""
+    u, v, t = c.u, c.v, c.t
     body_a, body_b = 150.0, 108.0
-    fat_mm = rng.uniform(12.0, 28.0)
+    fat_mm = c.rng.uniform(12.0, 28.0)
     body = _superellipse(u, v, (0, 0), (body_a, body_b)) < 1
     wall_inner = (body_a - fat_mm, body_b - fat_mm)
     cavity_ab = (wall_inner[0] - 11.0, wall_inner[1] - 11.0)
-    paint(body, 20.0 + jitter())
-    paint(_superellipse(u, v, (0, 0), (body_a - 2.5, body_b - 2.5)) < 1, -105.0 + jitter())
-    paint(_superellipse(u, v, (0, 0), wall_inner) < 1, 50.0 + jitter())
+    c.paint(body, 20.0 + c.jitter())
+    c.paint(_superellipse(u, v, (0, 0), (body_a - 2.5, body_b - 2.5)) < 1, -105.0 + c.jitter())
+    c.paint(_superellipse(u, v, (0, 0), wall_inner) < 1, 50.0 + c.jitter())
     cavity = _superellipse(u, v, (0, 0), cavity_ab) < 1
-    paint(cavity, -90.0 + jitter())
+    c.paint(cavity, -90.0 + c.jitter())
     ribs = (
         (_superellipse(u, v, (0, 0), wall_inner) < 1)
         & ~(_superellipse(u, v, (0, 0), (wall_inner[0] - 8.0, wall_inner[1] - 8.0)) < 1)
         & (np.abs(u) > 55.0)
         & (t < 140.0)
-        & (np.mod(t + 0.3 * v + rng.uniform(0, 28), 28.0) < 9.0)
+        & (np.mod(t + 0.3 * v + c.rng.uniform(0, 28), 28.0) < 9.0)
     )
-    paint(ribs, 450.0 + jitter())
+    c.paint(ribs, 450.0 + c.jitter())
+    return body, cavity
 
-    # Thorax at the top: lung bases and the heart, then the liver dome under the right lung.
+
+def _paint_thorax_and_upper_organs(c: _CTCanvas, cavity: np.ndarray) -> None:
+    """Lung bases and the heart at the top, then the liver dome under the right lung, gallbladder, spleen."""
     for side in (-1, 1):
-        paint(cavity & (_ellipsoid(u, v, t, (side * 72, -28, -75), (66, 72, 120)) < 1), -850.0 + jitter(), 7)
-    paint(cavity & (_ellipsoid(u, v, t, (-18, 38, -40), (62, 46, 60)) < 1), 40.0 + jitter(), 0)
+        c.paint(cavity & (c.ellipsoid((side * 72, -28, -75), (66, 72, 120)) < 1), -850.0 + c.jitter(), 7)
+    c.paint(cavity & (c.ellipsoid((-18, 38, -40), (62, 46, 60)) < 1), 40.0 + c.jitter(), 0)
+    liver = (c.ellipsoid((62, 2, 70), (74, 80, 72)) < 1) | (c.ellipsoid((0, 42, 45), (58, 34, 34)) < 1)
+    c.paint(cavity & liver, 58.0 + c.jitter(), 1)
+    c.paint(cavity & (c.ellipsoid((42, 42, 112), (14, 18, 28)) < 1), 10.0, 0)  # gallbladder
+    c.paint(cavity & (c.ellipsoid((-92, -42, 62), (24, 52, 44), rot_deg=-35) < 1), 45.0 + c.jitter(), 2)
 
-    liver = (_ellipsoid(u, v, t, (62, 2, 70), (74, 80, 72)) < 1) | (
-        _ellipsoid(u, v, t, (0, 42, 45), (58, 34, 34)) < 1
-    )
-    paint(cavity & liver, 58.0 + jitter(), 1)
-    paint(cavity & (_ellipsoid(u, v, t, (42, 42, 112), (14, 18, 28)) < 1), 10.0, 0)  # gallbladder
-    paint(cavity & (_ellipsoid(u, v, t, (-92, -42, 62), (24, 52, 44), rot_deg=-35) < 1), 45.0 + jitter(), 2)
 
-    # Stomach in the left upper quadrant: wall, fluid, and gas rising anteriorly (patient supine).
+def _paint_stomach(c: _CTCanvas, cavity: np.ndarray) -> None:
+    """Stomach in the left upper quadrant: wall, fluid, and gas rising anteriorly (patient supine)."""
     stomach_c, stomach_r = (-45, 30, 58), (44, 34, 42)
-    stomach = cavity & (labels == 0) & (_ellipsoid(u, v, t, stomach_c, stomach_r) < 1)
-    paint(stomach, 40.0 + jitter(), 8)
-    lumen = stomach & (_ellipsoid(u, v, t, stomach_c, tuple(r - 4.0 for r in stomach_r)) < 1)
-    paint(lumen, 12.0 + jitter())
-    paint(lumen & (v > stomach_c[1] + rng.uniform(0.1, 0.5) * stomach_r[1]), -1000.0)
+    stomach = cavity & (c.labels == 0) & (c.ellipsoid(stomach_c, stomach_r) < 1)
+    c.paint(stomach, 40.0 + c.jitter(), 8)
+    lumen = stomach & (c.ellipsoid(stomach_c, tuple(r - 4.0 for r in stomach_r)) < 1)
+    c.paint(lumen, 12.0 + c.jitter())
+    c.paint(lumen & (c.v > stomach_c[1] + c.rng.uniform(0.1, 0.5) * stomach_r[1]), -1000.0)
 
-    # Kidneys (the right one lower, under the liver), hila facing antero-medially.
+
+def _paint_kidneys(c: _CTCanvas, cavity: np.ndarray) -> None:
+    """Kidneys (the right one lower, under the liver): cortex, medulla, hila facing antero-medially."""
     for label, side, t0 in ((3, 1, 122.0), (4, -1, 108.0)):
-        centre = (side * 68, -44, t0 + rng.uniform(-8, 8))
-        kidney = cavity & (_ellipsoid(u, v, t, centre, (28, 25, 55), rot_deg=side * 30) < 1)
-        paint(kidney, 30.0 + jitter(), label)
-        medulla = kidney & (_ellipsoid(u, v, t, centre, (16, 14, 38), rot_deg=side * 30) < 1)
-        paint(medulla, 18.0 + jitter())
+        centre = (side * 68, -44, t0 + c.rng.uniform(-8, 8))
+        kidney = cavity & (c.ellipsoid(centre, (28, 25, 55), rot_deg=side * 30) < 1)
+        c.paint(kidney, 30.0 + c.jitter(), label)
+        medulla = kidney & (c.ellipsoid(centre, (16, 14, 38), rot_deg=side * 30) < 1)
+        c.paint(medulla, 18.0 + c.jitter())
         hilum = (centre[0] - side * 16, centre[1] + 8, centre[2])
-        paint(kidney & (_ellipsoid(u, v, t, hilum, (10, 9, 22)) < 1), -60.0 + jitter(), 0)
+        c.paint(kidney & (c.ellipsoid(hilum, (10, 9, 22)) < 1), -60.0 + c.jitter(), 0)
 
-    _paint_bowel(rng, u, v, t, cavity & (labels == 0), paint)
 
-    # Great vessels, muscles around the spine, then the spine itself.
-    paint(_ellipsoid(u, v, t, (22, -20, 0), (13, 10, np.inf)) < 1, 40.0 + jitter(), 0)  # IVC
-    paint(_ellipsoid(u, v, t, (-16, -22, 0), (12, 12, np.inf)) < 1, 42.0 + jitter(), 5)
+def _paint_vessels_and_muscles(c: _CTCanvas) -> None:
+    """The great vessels (IVC, aorta), then psoas and the back muscles beside the spine."""
+    u, v, t = c.u, c.v, c.t
+    c.paint(c.ellipsoid((22, -20, 0), (13, 10, np.inf)) < 1, 40.0 + c.jitter(), 0)  # IVC
+    c.paint(c.ellipsoid((-16, -22, 0), (12, 12, np.inf)) < 1, 42.0 + c.jitter(), 5)
     for side in (-1, 1):
         psoas_r = np.clip(6.0 + 0.16 * (t - 95.0), 0.0, None)
-        paint((t > 95.0) & (((u - side * 38) / 1.15) ** 2 + (v + 44) ** 2 < psoas_r**2), 48.0 + jitter(), 0)
-        paint(_ellipsoid(u, v, t, (side * 36, -84, 0), (27, 19, np.inf)) < 1, 48.0 + jitter(), 0)
-    _paint_spine(rng, u, v, t, paint, jitter)
+        c.paint((t > 95.0) & (((u - side * 38) / 1.15) ** 2 + (v + 44) ** 2 < psoas_r**2), 48.0 + c.jitter(), 0)
+        c.paint(c.ellipsoid((side * 36, -84, 0), (27, 19, np.inf)) < 1, 48.0 + c.jitter(), 0)
 
-    hu = ndimage.gaussian_filter(hu, sigma=0.6)
-    hu += rng.uniform(4.0, 8.0) * _smooth_noise(rng, axes, box, scale_mm=8.0) * (labels > 0)
-    hu += rng.normal(0.0, rng.uniform(10.0, 20.0), shape).astype(np.float32)
+
+def _ct_intensities(c: _CTCanvas) -> np.ndarray:
+    """The painted HU with a slight blur, organ texture and noise, clipped to the CT range (I, J, K)."""
+    hu = ndimage.gaussian_filter(c.hu, sigma=0.6)
+    hu += c.rng.uniform(4.0, 8.0) * _smooth_noise(c.rng, c.axes, c.box, scale_mm=8.0) * (c.labels > 0)
+    hu += c.rng.normal(0.0, c.rng.uniform(10.0, 20.0), c.hu.shape).astype(np.float32)
     np.clip(hu, -1024.0, 3071.0, out=hu)
-    return Phantom(
-        images={"ct": hu},
-        labels=labels,
-        class_names=dict(CT_CLASSES),
-        affine=affine,
-        modality="CT",
-        colors=dict(CT_COLORS),
-        extra={"body": body},
-    )
+    return hu
 
 
 def make_brain_mri(
@@ -241,9 +282,57 @@ def make_brain_mri(
     the field of view with a margin, whatever the `shape`.
     """
     shape = _check_shape(shape, "make_brain_mri")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # every step below draws from it, in this order
+    affine, h = _mri_canvas(rng, shape, spacing)
+    intracranial, depth = _mri_skull(h)
+    _mri_cortex(h, intracranial, depth)
+    _mri_deep_grey(h)
+    _mri_tumour(h, intracranial)
+    return Phantom(
+        images=_mri_images(h),
+        labels=np.where(h.tissue <= 6, h.tissue, 0).astype(np.uint8),
+        class_names=dict(MRI_CLASSES),
+        affine=affine,
+        modality="MRI",
+        colors=dict(MRI_COLORS),
+        extra={"brainmask": intracranial},
+    )
+
+
+_HEAD_SEMI = (80.0, 96.0, 74.0)  # mm, before the random head scale
+_INTRACRANIAL_SEMI = (70.0, 86.0, 62.0)
+# Relative intensities per contrast (x1000) of the tissue codes: air, csf, gm, wm, edema, enhancing,
+# necrosis, scalp (fat), skull (cortical bone).
+_MRI_INTENSITIES = {
+    "t1n": [0, 250, 600, 850, 520, 560, 300, 1000, 80],
+    "t1c": [0, 260, 610, 860, 540, 1150, 300, 1000, 80],
+    "t2w": [0, 1000, 560, 400, 820, 650, 950, 700, 60],
+    "t2f": [0, 120, 620, 470, 950, 760, 480, 750, 60],
+}
+
+
+@dataclass
+class _MRICanvas:
+    """A brain MRI being drawn: warped head coordinates (mm, RAS) and the tissue map, all (I, J, K)."""
+
+    rng: np.random.Generator
+    u: np.ndarray
+    v: np.ndarray
+    w: np.ndarray
+    axes: tuple[np.ndarray, ...]  # the unwarped RAS position of the voxels along each axis: (I,), (J,), (K,)
+    box: tuple  # the physical box of the noise lattices ((lo, hi) mm per axis)
+    tissue: np.ndarray  # uint8: 0 air, 1..6 the classes, 7 scalp, 8 skull
+
+    def ellipsoid(self, centre: tuple, semi: tuple, rot_deg: float = 0.0) -> np.ndarray:
+        return _ellipsoid(self.u, self.v, self.w, centre, semi, rot_deg)
+
+
+def _mri_canvas(
+    rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float] | None
+) -> tuple[np.ndarray, _MRICanvas]:
+    """Draw the head's size, the field of view and the warp: the affine and an empty canvas (air)."""
     head_scale = rng.uniform(0.92, 1.05)
-    head_semi = np.array([80.0, 96.0, 74.0]) * head_scale
+    head_semi = np.array(_HEAD_SEMI) * head_scale
     margin = rng.uniform(1.08, 1.25)  # field of view / head size, drawn whatever `spacing`
     if spacing is None:
         s = margin * float(np.max(2.0 * head_semi / np.array(shape)))
@@ -253,45 +342,57 @@ def make_brain_mri(
     affine = _affine(shape, spacing, signs=(1, 1, 1), centre=fov_centre)
     axes, box = _grid_axes(affine, shape), ((-110.0, 110.0),) * 3
     x, y, z = _warped_grid(rng, axes, box, amplitude_mm=rng.uniform(2.0, 4.0), scale_mm=45.0)
-    u, v, w = x / head_scale, y / head_scale, z / head_scale
+    tissue = np.zeros(shape, np.uint8)
+    return affine, _MRICanvas(rng, x / head_scale, y / head_scale, z / head_scale, axes, box, tissue)
 
-    tissue = np.zeros(shape, np.uint8)  # 0 air, 1..6 the classes, 7 scalp, 8 skull
-    intracranial_semi = (70.0, 86.0, 62.0)
-    head = _ellipsoid(u, v, w, (0, 0, 0), (80, 96, 74)) < 1
-    tissue[head] = 7
-    tissue[_ellipsoid(u, v, w, (0, 0, 0), (75, 91, 68)) < 1] = 8
-    rho = np.sqrt(_ellipsoid(u, v, w, (0, 0, 0), intracranial_semi))
+
+def _mri_skull(h: _MRICanvas) -> tuple[np.ndarray, np.ndarray]:
+    """Scalp, skull, and CSF filling the skull: the intracranial mask and the depth (mm) below the skull."""
+    h.tissue[h.ellipsoid((0, 0, 0), _HEAD_SEMI) < 1] = 7
+    h.tissue[h.ellipsoid((0, 0, 0), (75, 91, 68)) < 1] = 8
+    rho = np.sqrt(h.ellipsoid((0, 0, 0), _INTRACRANIAL_SEMI))
     depth = (1.0 - rho) * 72.0  # approximate distance in mm below the inner skull surface
     intracranial = rho < 1
-    tissue[intracranial] = 1
+    h.tissue[intracranial] = 1
+    return intracranial, depth
 
-    # Cortex: sulci are the zero crossings of a band-limited field, lined with grey matter.
-    gyri = np.abs(_smooth_noise(rng, axes, box, scale_mm=7.0))
+
+def _mri_cortex(h: _MRICanvas, intracranial: np.ndarray, depth: np.ndarray) -> None:
+    """White matter under a folded grey-matter ribbon, and the interhemispheric fissure."""
+    tissue, u = h.tissue, h.u
+    # Sulci are the zero crossings of a band-limited field, lined with grey matter.
+    gyri = np.abs(_smooth_noise(h.rng, h.axes, h.box, scale_mm=7.0))
     tissue[intracranial & (depth > 2.0)] = 3
     tissue[intracranial & (depth > 2.0) & ((depth < 6.5) | ((gyri < 0.5) & (depth < 18.0)))] = 2
     tissue[intracranial & (gyri < 0.1) & (depth < 14.0)] = 1
-    # Interhemispheric fissure, lined with grey matter, above and around the corpus callosum.
-    fissure = intracranial & (_ellipsoid(u, v, w, (0, -6, -8), (np.inf, 52, 24)) > 1)
+    # The fissure, lined with grey matter, above and around the corpus callosum.
+    fissure = intracranial & (h.ellipsoid((0, -6, -8), (np.inf, 52, 24)) > 1)
     tissue[fissure & (np.abs(u) < 5.0) & (tissue == 3)] = 2
     tissue[fissure & (np.abs(u) < 1.3)] = 1
 
-    # Deep grey nuclei (thalamus, putamen, caudate head), then the ventricles.
-    for side in (-1, 1):
-        for centre, semi in (((11, -12, 2), (10, 15, 10)), ((24, 5, 3), (6, 17, 11)), ((14, 18, 12), (6, 10, 8))):
-            tissue[_ellipsoid(u, v, w, (side * centre[0], *centre[1:]), semi) < 1] = 2
-        tissue[_ellipsoid(u, v, w, (side * 10, 4, 13), (6, 32, 8), rot_deg=side * 6) < 1] = 1
-        tissue[_ellipsoid(u, v, w, (side * 17, -32, 8), (5, 14, 7), rot_deg=-side * 25) < 1] = 1
-    tissue[_ellipsoid(u, v, w, (0, -3, 0), (2.0, 13, 9)) < 1] = 1  # third ventricle
 
-    # Tumour in one hemisphere: lobulated necrotic core and enhancing rim, oedema in the parenchyma.
+def _mri_deep_grey(h: _MRICanvas) -> None:
+    """Deep grey nuclei (thalamus, putamen, caudate head), then the ventricles."""
+    nuclei = (((11, -12, 2), (10, 15, 10)), ((24, 5, 3), (6, 17, 11)), ((14, 18, 12), (6, 10, 8)))
+    for side in (-1, 1):
+        for centre, semi in nuclei:
+            h.tissue[h.ellipsoid((side * centre[0], *centre[1:]), semi) < 1] = 2
+        h.tissue[h.ellipsoid((side * 10, 4, 13), (6, 32, 8), rot_deg=side * 6) < 1] = 1
+        h.tissue[h.ellipsoid((side * 17, -32, 8), (5, 14, 7), rot_deg=-side * 25) < 1] = 1
+    h.tissue[h.ellipsoid((0, -3, 0), (2.0, 13, 9)) < 1] = 1  # third ventricle
+
+
+def _mri_tumour(h: _MRICanvas, intracranial: np.ndarray) -> None:
+    """A tumour in one hemisphere: lobulated necrotic core and enhancing rim, oedema in the parenchyma."""
+    rng, tissue = h.rng, h.tissue
     side = rng.choice([-1.0, 1.0])
     for _ in range(100):
         centre = np.array([side * rng.uniform(22, 42), rng.uniform(-45, 45), rng.uniform(-5, 35)])
-        if np.linalg.norm(centre / intracranial_semi) < 0.7:
+        if np.linalg.norm(centre / _INTRACRANIAL_SEMI) < 0.7:
             break
     r_tumour = rng.uniform(9.0, 17.0)
-    lobes = _smooth_noise(rng, axes, box, scale_mm=12.0)
-    dist = np.sqrt((u - centre[0]) ** 2 + (v - centre[1]) ** 2 + (w - centre[2]) ** 2)
+    lobes = _smooth_noise(rng, h.axes, h.box, scale_mm=12.0)
+    dist = np.sqrt((h.u - centre[0]) ** 2 + (h.v - centre[1]) ** 2 + (h.w - centre[2]) ** 2)
     dist_tumour = dist / (1.0 + 0.15 * lobes)
     dist_edema = dist / (1.0 + 0.3 * lobes)
     parenchyma = (tissue == 2) | (tissue == 3)
@@ -299,33 +400,19 @@ def make_brain_mri(
     tissue[intracranial & (dist_tumour < r_tumour)] = 5
     tissue[intracranial & (dist_tumour < r_tumour * rng.uniform(0.4, 0.65))] = 6
 
-    # Relative intensities per contrast (x1000) for air, csf, gm, wm, edema, enhancing, necrosis,
-    # scalp (fat), skull (cortical bone).
-    table = {
-        "t1n": [0, 250, 600, 850, 520, 560, 300, 1000, 80],
-        "t1c": [0, 260, 610, 860, 540, 1150, 300, 1000, 80],
-        "t2w": [0, 1000, 560, 400, 820, 650, 950, 700, 60],
-        "t2f": [0, 120, 620, 470, 950, 760, 480, 750, 60],
-    }
-    values = {name: np.array(table[name], np.float32) * rng.uniform(0.95, 1.05, 9) for name in MRI_CONTRASTS}
-    bias = {name: np.exp(0.12 * _smooth_noise(rng, axes, box, scale_mm=80.0)) for name in MRI_CONTRASTS}
+
+def _mri_images(h: _MRICanvas) -> dict[str, np.ndarray]:
+    """The four contrasts of the tissue map: drawn intensities, blur, bias field, Rician noise (float32)."""
+    rng, shape = h.rng, h.tissue.shape
+    values = {name: np.array(_MRI_INTENSITIES[name], np.float32) * rng.uniform(0.95, 1.05, 9) for name in CONTRASTS}
+    bias = {name: np.exp(0.12 * _smooth_noise(rng, h.axes, h.box, scale_mm=80.0)) for name in CONTRASTS}
     images = {}
-    for name in MRI_CONTRASTS:  # acquisition noise last: the draws above do not depend on `shape`
-        image = ndimage.gaussian_filter(values[name][tissue], sigma=0.6) * bias[name]
+    for name in CONTRASTS:  # acquisition noise last: the draws above do not depend on `shape`
+        image = ndimage.gaussian_filter(values[name][h.tissue], sigma=0.6) * bias[name]
         sigma = 0.025 * values[name][3]  # Rician noise: magnitude of a complex Gaussian signal
         image = np.hypot(image + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
         images[name] = image.astype(np.float32)
-
-    labels = np.where(tissue <= 6, tissue, 0).astype(np.uint8)
-    return Phantom(
-        images=images,
-        labels=labels,
-        class_names=dict(MRI_CLASSES),
-        affine=affine,
-        modality="MRI",
-        colors=dict(MRI_COLORS),
-        extra={"brainmask": intracranial},
-    )
+    return images
 
 
 def insert_unexpected_object(phantom: Phantom, seed: int = 0, radius_mm: float = 8.0) -> Phantom:
@@ -451,8 +538,9 @@ def _superellipse(u, v, centre, semi, power: float = 2.6) -> np.ndarray:
     return np.abs((u - centre[0]) / semi[0]) ** power + np.abs((v - centre[1]) / semi[1]) ** power
 
 
-def _paint_bowel(rng: np.random.Generator, u, v, t, free: np.ndarray, paint) -> None:
+def _paint_bowel(c: _CTCanvas, free: np.ndarray) -> None:
     """Colon along the flanks and across the front, small-bowel loops below the stomach; gas anteriorly."""
+    rng = c.rng
     tubes = [  # (centre, semi, gas fraction of the radius above the centre)
         ((95, 2, 190), (20, 20, 80), rng.uniform(0.0, 0.6)),  # ascending colon
         ((-95, -8, 170), (17, 17, 90), rng.uniform(0.0, 0.6)),  # descending colon
@@ -464,22 +552,23 @@ def _paint_bowel(rng: np.random.Generator, u, v, t, free: np.ndarray, paint) -> 
         gas = rng.uniform(0.2, 0.8) if rng.random() < 0.4 else 1.0
         tubes.append((centre, (radius * rng.uniform(1.0, 1.8), radius, radius * rng.uniform(1.0, 1.5)), gas))
     for centre, semi, gas in tubes:
-        loop = free & (_ellipsoid(u, v, t, centre, semi) < 1)
-        paint(loop, 30.0 + rng.normal(0, 8), 8)
-        paint(loop & (v > centre[1] + gas * semi[1]), -1000.0)
+        loop = free & (c.ellipsoid(centre, semi) < 1)
+        c.paint(loop, 30.0 + rng.normal(0, 8), 8)
+        c.paint(loop & (c.v > centre[1] + gas * semi[1]), -1000.0)
 
 
-def _paint_spine(rng: np.random.Generator, u, v, t, paint, jitter) -> None:
+def _paint_spine(c: _CTCanvas) -> None:
     """Vertebral bodies (cortical shell, cancellous centre) between discs, canal and posterior arch."""
-    period = rng.uniform(30.0, 36.0)
-    disc = np.mod(t + rng.uniform(0, period), period) < 7.0
-    body_q = _ellipsoid(u, v, t, (0, -52, 0), (21, 16, np.inf))
+    u, v, t = c.u, c.v, c.t
+    period = c.rng.uniform(30.0, 36.0)
+    disc = np.mod(t + c.rng.uniform(0, period), period) < 7.0
+    body_q = c.ellipsoid((0, -52, 0), (21, 16, np.inf))
     canal_r = np.hypot(u, v + 78)
     arch = (canal_r > 9.0) & (canal_r < 15.0) & (v < -70.0)
     processes = ((np.abs(u) < 4.0) & (v < -86.0) & (v > -104.0)) | (
         (np.abs(v + 74) < 4.0) & (np.abs(u) > 10.0) & (np.abs(u) < 42.0)
     )
-    paint(~disc & ((body_q < 1) | arch | processes), 720.0 + jitter(), 6)
-    paint(~disc & (body_q < (1 - 3.0 / 17) ** 2), 270.0 + jitter(), 6)
-    paint(disc & (body_q < 1), 90.0 + jitter(), 0)
-    paint(canal_r < 9.0, 15.0 + jitter(), 0)
+    c.paint(~disc & ((body_q < 1) | arch | processes), 720.0 + c.jitter(), 6)
+    c.paint(~disc & (body_q < (1 - 3.0 / 17) ** 2), 270.0 + c.jitter(), 6)
+    c.paint(disc & (body_q < 1), 90.0 + c.jitter(), 0)
+    c.paint(canal_r < 9.0, 15.0 + c.jitter(), 0)

@@ -1,7 +1,7 @@
 """Whole-volume segmentation with a fine-tuned model: `load_segmenter`, then `segment`.
 
 `segment(segmenter, volume)`:
-1. preprocess as in training (`model_core.preprocess.preprocess_volume`): intensities to [0, 1]
+1. preprocess as in training (`model_core.data.preprocess.preprocess_volume`): intensities to [0, 1]
    with the model's normalisation, axes to RAS, voxels to the model spacing;
 2. MONAI `sliding_window_inference` over the model grid: windows of the model's ROI, `overlap`,
    Gaussian blending of the softmax probabilities, `sw_batch_size` windows per forward pass
@@ -34,13 +34,24 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
-from .checkpoint import Checkpoint, check_model_size, load_checkpoint, load_into, resolve_model
-from .device import autocast_dtype, resolve_device
-from .errors import Ar3dInputError, CheckpointError
-from .io import Volume, check_image, read_volume
-from .preprocess import PreprocessConfig, guess_modality, preprocess_volume
-from .progress import ProgressFn, StopFn, check_stop, report
-from .segmentation import SegmentationModel, model_from_config
+from model_core.checkpoint.config import CheckpointConfig
+from model_core.checkpoint.store import (
+    Checkpoint,
+    check_model_size,
+    load_checkpoint,
+    load_into,
+    resolve_model,
+)
+from model_core.data.preprocess import (
+    PreprocessConfig,
+    guess_modality,
+    preprocess_volume,
+)
+from model_core.device import autocast_dtype, resolve_device
+from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError
+from model_core.io.volume import Volume, check_image, read_volume
+from model_core.models.segmentation import SegmentationModel, model_from_config
+from model_core.progress import ProgressFn, StopFn, check_stop, report
 
 
 @dataclass
@@ -50,9 +61,9 @@ class Segmenter:
     model: SegmentationModel  # in eval mode, on the CPU
     classes: list[str]  # K names; label value k is classes[k-1]
     preprocess: PreprocessConfig
-    roi: tuple[int, int, int]  # window size in voxels of the model grid
+    window: tuple[int, int, int]  # window size in voxels of the model grid
     modality: str  # "CT", "MRI" or "any": what it was trained on
-    config: dict = field(repr=False)
+    config: CheckpointConfig = field(repr=False)
     path: Path | None = None
 
 
@@ -70,27 +81,26 @@ class SegmentationResult:
 
 def segmenter_from_checkpoint(checkpoint: Checkpoint) -> Segmenter:
     """Build the model a segmentation checkpoint describes and load its weights."""
-    config = checkpoint.config
-    head = config.get("heads", {}).get("segmentation")
-    if not isinstance(head, dict) or "decoder" not in head:
+    config = checkpoint.typed_config
+    head = config.heads.segmentation
+    if head is None:
         raise CheckpointError(
             "has no segmentation decoder (it is an encoder); fine-tune it first with `ar3d finetune`", checkpoint.path
         )
     check_model_size(checkpoint)
-    model = model_from_config(config["encoder"], head["decoder"])
+    model = model_from_config(config.encoder.to_dict(), head.decoder)
     load_into(model, checkpoint)
-    classes = list(config.get("classes", []))
+    classes = list(config.classes)
     if len(classes) + 1 != model.num_classes:
         raise CheckpointError(
             f"lists {len(classes)} classes but its decoder predicts {model.num_classes - 1}", checkpoint.path
         )
-    roi = tuple(int(r) for r in head.get("roi", [6 * model.encoder.cfg.patch_size] * 3))
     return Segmenter(
         model=model.eval(),
         classes=classes,
-        preprocess=PreprocessConfig.from_dict(config.get("preprocessing", {})),
-        roi=roi,
-        modality=config.get("modality", "any"),
+        preprocess=config.preprocessing,
+        window=head.window,
+        modality=config.modality,
         config=config,
         path=checkpoint.path,
     )
@@ -104,10 +114,10 @@ def load_segmenter(name_or_dir: str | os.PathLike) -> Segmenter:
 FLIPS = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # the 8 mirror images of a window
 
 
-def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+def count_windows(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> int:
     """Windows `sliding_window_inference` visits on a grid of `shape` (as MONAI's `dense_patch_slices`)."""
     n = 1
-    for size, r in zip(shape, roi):
+    for size, r in zip(shape, window):
         interval = max(1, int(r * (1 - overlap)))
         n *= 1 if size <= r else math.ceil((size - r) / interval) + 1
     return n
@@ -220,9 +230,9 @@ def _windows_within_memory(
             device = torch.device("cpu")
             message = f"{what}; falling back to CPU (slower)"
         else:
-            raise Ar3dInputError(f"{what}; close other programs or segment a cropped volume")
+            raise Ar3dEnvironmentError(f"{what}; close other programs or segment a cropped volume")
         warnings.warn(message, stacklevel=3)
-        report(progress, 0, math.ceil(count_windows(image.shape, segmenter.roi, overlap) / batch), message)
+        report(progress, 0, math.ceil(count_windows(image.shape, segmenter.window, overlap) / batch), message)
 
 
 def _out_of_memory(exc: RuntimeError) -> bool:
@@ -248,10 +258,10 @@ def _sliding_window(
     """
     model = segmenter.model.to(device).eval()
     amp = autocast_dtype(device)
-    total = math.ceil(count_windows(image.shape, segmenter.roi, overlap) / sw_batch_size)
+    total = math.ceil(count_windows(image.shape, segmenter.window, overlap) / sw_batch_size)
     done = 0
 
-    def predictor(windows: torch.Tensor) -> torch.Tensor:  # (b, 1, *roi) on `device`
+    def predictor(windows: torch.Tensor) -> torch.Tensor:  # (b, 1, *window) on `device`
         nonlocal done
         check_stop(should_stop)
         probs = 0.0
@@ -259,16 +269,16 @@ def _sliding_window(
             dims = [2 + a for a in axes]
             with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
                 logits = model(windows.flip(dims) if dims else windows)
-            p = torch.softmax(logits.float(), dim=1)  # (b, K+1, *roi)
+            p = torch.softmax(logits.float(), dim=1)  # (b, K+1, *window)
             probs = probs + (p.flip(dims) if dims else p)
         done += 1
         report(progress, done, total, "segmenting")
-        return probs / len(flips)  # (b, K+1, *roi)
+        return probs / len(flips)  # (b, K+1, *window)
 
     x = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # (1, 1, X, Y, Z)
     with torch.inference_mode():
         out = sliding_window_inference(
-            x, segmenter.roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
+            x, segmenter.window, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
             sw_device=device, device="cpu",
         )
     model.to("cpu")

@@ -1,7 +1,7 @@
 """Geometry and intensity preprocessing: RAS orientation, resampling, per-modality normalisation.
 
 Every function takes and returns plain numpy arrays in voxel index order `(i, j, k)` with a 4x4
-affine that maps `(i, j, k, 1)` to RAS+ millimetres (see `model_core.io.Volume`). The model sees
+affine that maps `(i, j, k, 1)` to RAS+ millimetres (see `model_core.io.volume.Volume`). The model sees
 volumes that went through `preprocess_volume`: intensities in [0, 1], axes reoriented to RAS
 (exact flips and transposes), voxels resampled to the model spacing. `resample_to_grid` puts model
 outputs back onto any input grid, oblique ones included.
@@ -17,14 +17,18 @@ from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import (
+    apply_orientation,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
 
-from .errors import Ar3dInputError
-from .io import check_labels
+from model_core.errors import Ar3dInputError
+from model_core.io.volume import check_labels
+from model_core.vocabulary import CT_FULL_HU, INTENSITY_KINDS, MODEL_SPACING
 
-MODALITIES = ("ct", "mri")
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]])  # axis n runs along world axis n, increasing
-CT_SOFT_TISSUE_HU = (-160.0, 240.0)  # the radiologist's abdominal soft-tissue window (level 40, width 400)
 _CT_AIR_HU = -500.0  # voxels at or below this are air in a CT; MRI intensities never go this low
 _CT_AIR_FRACTION = 0.01  # a CT has at least 1% air voxels (outside the body, lungs, bowel gas)
 _MRI_BACKGROUND_FRACTION = 0.05  # a constant minimum on this share of the voxels is an MRI's air (see mri_background)
@@ -143,12 +147,12 @@ class IntensityConfig:
     """
 
     kind: str  # "ct" | "mri"
-    window: tuple[float, float] = (-1000.0, 1000.0)  # HU
+    window: tuple[float, float] = CT_FULL_HU  # HU
     percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
-        if self.kind not in MODALITIES:
-            raise Ar3dInputError(f"intensity kind must be one of {MODALITIES}, got {self.kind!r}")
+        if self.kind not in INTENSITY_KINDS:
+            raise Ar3dInputError(f"intensity kind must be one of {INTENSITY_KINDS}, got {self.kind!r}")
         self.window = (float(self.window[0]), float(self.window[1]))
         self.percentiles = (float(self.percentiles[0]), float(self.percentiles[1]))
         if not self.window[0] < self.window[1]:
@@ -231,7 +235,7 @@ def guess_modality(array: np.ndarray, hint: str | None = None) -> str:
 class PreprocessConfig:
     """The model's input convention; saved in a checkpoint's config.json."""
 
-    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)  # mm along R, A, S
+    spacing: tuple[float, float, float] = MODEL_SPACING  # mm along R, A, S
     intensity: IntensityConfig | None = None  # None: per volume, IntensityConfig(guess_modality(...))
 
     def __post_init__(self) -> None:
@@ -281,10 +285,10 @@ def preprocess_volume(
 ) -> Preprocessed:
     """Normalise intensities, reorient to RAS and resample to `cfg.spacing`.
 
-    `image` is a `model_core.io.Volume` or a 3D array with its `affine`. `modality` is a hint for
+    `image` is a `model_core.io.volume.Volume` or a 3D array with its `affine`. `modality` is a hint for
     `guess_modality` (used when `cfg.intensity` is None). `labels`, on the image's grid, go through
     the same reorientation and resampling with nearest-neighbour interpolation; they must be whole
-    numbers in 0..65535 (`model_core.io.check_labels`). `source` names the file in error messages
+    numbers in 0..65535 (`model_core.io.volume.check_labels`). `source` names the file in error messages
     (default: the Volume's path).
     """
     if hasattr(image, "array") and hasattr(image, "affine"):
@@ -313,7 +317,7 @@ def preprocess_volume(
 
 
 def as_label_array(labels: np.ndarray, source: str | None = None) -> np.ndarray:
-    """Integer label map (uint8 / uint16) after `model_core.io.check_labels`: whole numbers in 0..65535."""
+    """Integer label map (uint8 / uint16) after `model_core.io.volume.check_labels`: whole numbers in 0..65535."""
     return check_labels(labels, source)
 
 

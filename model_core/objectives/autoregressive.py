@@ -1,7 +1,7 @@
 """Pretraining objectives on the `ViT3D` encoder: autoregressive next-token prediction and an MAE baseline.
 
 Both regress raw patch voxels normalised per patch (subtract the patch mean, divide by its std),
-with a mean-squared error. Tokens follow the encoder's order (see `model_core.models`): sub-volume
+with a mean-squared error. Tokens follow the encoder's order (see `model_core.models.vit`): sub-volume
 after sub-volume, a z-fastest raster inside each. Below, N = S*n patch tokens per sample and the
 start token sits at sequence position 0, so patch token k (1-based) sits at position k.
 
@@ -18,8 +18,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .errors import Ar3dInputError
-from .models import Block, NextTokenHead, ViT3D, init_weights, sequence_pos_embed
+from model_core.errors import Ar3dInputError
+from model_core.models.vit import (
+    Block,
+    NextTokenHead,
+    ViT3D,
+    init_weights,
+    sequence_pos_embed,
+)
 
 
 def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:

@@ -14,7 +14,7 @@ interpolation between token centres (smooth, not blocky).
   centred on it (bidirectional mode), for one block (mean over heads or one head) or the attention
   rollout up to that block (Abnar & Zuidema 2020). The start token's share is left out.
 - `next_token_prediction`: causal mode (prefix 0) over windows that tile the volume; each window's
-  tokens are predicted in the AR token order (see `model_core.models`), each from the tokens before
+  tokens are predicted in the AR token order (see `model_core.models.vit`), each from the tokens before
   it only, the first one from the start token alone. The head predicts a patch normalised to zero
   mean and unit std, so each predicted patch is *de-normalised with the true patch's mean and std*:
   the map shows the predicted structure at the true patch's brightness and contrast. Values are in
@@ -27,7 +27,7 @@ interpolation between token centres (smooth, not blocky).
 
 `explain` reads a file, computes the asked maps and writes them (`attention.nii.gz`,
 `prediction.nii.gz`, `surprise.nii.gz`, `pca.nii.gz`) with the input's affine; `ar3d explain` is
-its command line. This module holds the explain part of `model_core.infer` (DESIGN.md).
+its command line. This module holds the explain part of the inference package.
 """
 
 from __future__ import annotations
@@ -43,14 +43,33 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG_FILE, build_encoder, load_checkpoint, load_into, resolve_model
-from .device import resolve_device
-from .errors import Ar3dInputError, CheckpointError
-from .io import Volume, check_image, describe_write_error, read_volume, voxel_to_world, world_to_voxel, write_volume
-from .models import NextTokenHead, ViT3D, unpatchify
-from .objectives import normalize_patches
-from .preprocess import PreprocessConfig, Preprocessed, preprocess_volume, resample_to_grid
-from .progress import Cancelled, ProgressFn, StopFn, check_stop, report
+from model_core.checkpoint.store import (
+    build_encoder,
+    load_checkpoint,
+    load_into,
+    resolve_model,
+)
+from model_core.data.preprocess import (
+    PreprocessConfig,
+    Preprocessed,
+    preprocess_volume,
+    resample_to_grid,
+)
+from model_core.device import resolve_device
+from model_core.errors import Ar3dError, Ar3dInputError, CheckpointError
+from model_core.io.volume import (
+    Volume,
+    check_image,
+    read_volume,
+    voxel_to_world,
+    world_to_voxel,
+    write_error,
+    write_volume,
+)
+from model_core.models.vit import NextTokenHead, ViT3D, unpatchify
+from model_core.objectives.autoregressive import normalize_patches
+from model_core.progress import Cancelled, ProgressFn, StopFn, check_stop, report
+from model_core.vocabulary import PRETRAIN_WINDOW
 
 __all__ = [
     "MAPS",
@@ -69,7 +88,6 @@ __all__ = [
 ]
 
 MAPS = ("attention", "prediction", "surprise", "pca")
-DEFAULT_WINDOW = (128, 128, 32)  # the pretraining sub-volume (SequenceConfig crop, crop, slab) when unrecorded
 _EPS = 1e-6  # variance floor of the per-patch normalisation, as in pretraining
 
 
@@ -83,7 +101,7 @@ class ExplainModel:
     encoder: ViT3D
     head: NextTokenHead
     preprocess: PreprocessConfig
-    window: tuple[int, int, int] = DEFAULT_WINDOW  # voxels of one window on the model grid
+    window: tuple[int, int, int] = PRETRAIN_WINDOW  # voxels of one window on the model grid
     name: str = "model"
 
     def __post_init__(self) -> None:
@@ -129,14 +147,9 @@ def load_explain_model(name_or_dir: str | os.PathLike, device: str | torch.devic
     encoder = build_encoder(checkpoint)
     head = NextTokenHead(encoder.cfg)
     load_into(head, checkpoint, prefix="head.")
-    config = checkpoint.config
-    try:
-        preprocess = PreprocessConfig.from_dict(config.get("preprocessing") or {})
-    except (Ar3dInputError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad preprocessing settings ({exc})", checkpoint.path / CONFIG_FILE) from None
-    sequence = (config.get("provenance") or {}).get("sequence") or {}
-    crop, slab = sequence.get("crop", DEFAULT_WINDOW[0]), sequence.get("slab", DEFAULT_WINDOW[2])
-    model = ExplainModel(encoder, head, preprocess, (crop, crop, slab), name=os.fspath(name_or_dir))
+    config = checkpoint.typed_config
+    window = config.provenance.sequence_window(PRETRAIN_WINDOW)
+    model = ExplainModel(encoder, head, config.preprocessing, window, name=os.fspath(name_or_dir))
     return model.to(device)
 
 
@@ -555,10 +568,10 @@ def _write_all(results: dict[str, np.ndarray], like: Volume, out_dir: Path) -> d
                 else:
                     write_volume(staging / f"{name}.nii.gz", array, like.affine, kind="float", like=like_nifti)
             except OSError as exc:  # named by the file the user asked for, not the staging copy
-                problem = describe_write_error(exc, out_dir, array.nbytes)
-                raise Ar3dInputError(f"could not write the file: {problem}", out_dir / f"{name}.nii.gz") from exc
-            except Ar3dInputError as exc:
-                raise Ar3dInputError(exc.problem, out_dir / f"{name}.nii.gz") from exc
+                raise write_error("could not write the file", exc, out_dir / f"{name}.nii.gz", out_dir,
+                                  array.nbytes) from exc
+            except Ar3dError as exc:  # named by the file the user asked for, not the staging copy
+                raise type(exc)(exc.problem, out_dir / f"{name}.nii.gz") from exc
         written = {}
         for name in results:
             written[name] = out_dir / f"{name}.nii.gz"

@@ -32,14 +32,16 @@ Attention modes (per call)
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import Ar3dInputError, CheckpointError
+from model_core.errors import Ar3dInputError, CheckpointError
 
 AttentionMode = Literal["prefix", "bidirectional"]
 
@@ -84,6 +86,23 @@ class ViT3DConfig:
         if unknown:
             raise Ar3dInputError(f"unknown ViT3DConfig field(s) {', '.join(unknown)}")
         return cls(**{**_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_spec(cls, spec: str, **overrides) -> "ViT3DConfig":
+        """A size name ("tiny", "small", "base") or a JSON file (a ViT3DConfig dict, or a checkpoint's
+        config.json whose "encoder" is used), with any field overridden."""
+        if spec in _PRESETS:
+            return cls.preset(spec, **overrides)
+        path = Path(spec)
+        if not path.is_file():
+            raise Ar3dInputError(f"--config {spec!r} is neither a size ({', '.join(_PRESETS)}) nor a JSON file")
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Ar3dInputError(f"cannot read the model config ({exc})", path) from None
+        if not isinstance(doc, dict):
+            raise Ar3dInputError("model config must be a JSON object", path)
+        return cls.from_dict({**doc.get("encoder", doc), **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

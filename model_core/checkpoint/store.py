@@ -3,7 +3,8 @@
 Layout of a checkpoint folder:
 
     config.json            format, version, architecture, encoder config, heads, objective,
-                           preprocessing, modality, class names, provenance
+                           preprocessing, modality, class names, provenance (typed and
+                           versioned in `model_core.checkpoint.config`)
     model.safetensors      the weights (for a pretraining run: the objective's encoder + head)
     train_state/           optional, for an exact resume:
         optimizer.safetensors  optimizer state tensors, flattened to `state.<param>.<key>`
@@ -35,24 +36,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import Ar3dInputError, CheckpointError
-from .io import describe_write_error
-from .models import ViT3D, ViT3DConfig
-from .preprocess import PreprocessConfig
+from model_core.checkpoint.config import (
+    CHECKPOINT_MODALITIES,
+    CONFIG_FILE,
+    FORMAT,
+    VERSION,
+    CheckpointConfig,
+)
+from model_core.checkpoint.store.provenance import describe_weights
+from model_core.errors import Ar3dInputError, CheckpointError
+from model_core.io.volume import write_error
+from model_core.models.vit import ViT3D
+from model_core.vocabulary import DEFAULT_ENCODER, ENCODER_ENV, MODALITY_ANY
 
-FORMAT = "napari-ar3d"
-VERSION = 1
-ARCHITECTURES = ("vit3d",)
-OBJECTIVES = (None, "ar", "mae", "segmentation")  # what trained the weights: pretraining or fine-tuning
-MODALITIES = ("CT", "MRI", "any")
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_STATE_DIR = "train_state"
 CHECKPOINT_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, TRAIN_STATE_DIR)
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
-SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
-DEFAULT_ENCODER = "ar3d-encoder"
-ENCODER_ENV = "AR3D_ENCODER"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
 
 _NEVER_UNPICKLE = (
     "napari-ar3d never unpickles checkpoints (a pickle can run arbitrary code); it needs a folder "
@@ -62,11 +63,16 @@ _NEVER_UNPICKLE = (
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: its config.json, its tensors (on CPU) and its folder."""
+    """A loaded checkpoint: its config.json (as JSON, in the current version), its tensors (on CPU) and its folder."""
 
     config: dict
     state_dict: dict[str, torch.Tensor]
     path: Path
+
+    @property
+    def typed_config(self) -> CheckpointConfig:
+        """`config`, typed (read anew from `config` at every call)."""
+        return CheckpointConfig.from_json(self.config, self.path / CONFIG_FILE)
 
 
 @dataclass
@@ -86,14 +92,14 @@ def make_config(
     objective: str | None = None,
     heads: dict | None = None,
     preprocessing: dict | None = None,
-    modality: str = "any",
+    modality: str = MODALITY_ANY,
     classes: list[str] | tuple[str, ...] = (),
     provenance: dict | None = None,
 ) -> dict:
-    """A config.json dict in the current format (see the module docstring)."""
-    if modality not in MODALITIES:
-        raise Ar3dInputError(f"modality {modality!r} is not one of CT, MRI, any")
-    return {
+    """A config.json document in the current version, from its parts as JSON (checked by `CheckpointConfig`)."""
+    if modality not in CHECKPOINT_MODALITIES:
+        raise Ar3dInputError(f"modality {modality!r} is not one of {', '.join(CHECKPOINT_MODALITIES)}")
+    doc = {
         "format": FORMAT,
         "version": VERSION,
         "architecture": "vit3d",
@@ -105,6 +111,7 @@ def make_config(
         "classes": list(classes),
         "provenance": dict(provenance or {}),
     }
+    return CheckpointConfig.from_json(doc).to_json()
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -120,16 +127,19 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 def save_checkpoint(
     directory: str | os.PathLike,
     state_dict: dict[str, torch.Tensor],
-    config: dict,
+    config: CheckpointConfig | dict,
     train_state: TrainState | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically and return its path.
+
+    config: typed, or a config.json document (of any supported version; written in the current one).
 
     The previous checkpoint in `directory` stays complete and loadable until the new one is in
     place; a failure while writing leaves no temporary folder behind, and a failed write (a full
     disk) raises `Ar3dInputError` naming the folder and the reason.
     """
-    validate_config(config, directory)
+    if not isinstance(config, CheckpointConfig):
+        config = CheckpointConfig.from_json(config, directory)
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
@@ -138,7 +148,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        _write_json(tmp / CONFIG_FILE, config)
+        _write_json(tmp / CONFIG_FILE, config.to_json())
         save_file(_cpu_tensors(state_dict), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)  # safetensors makes it 0600
         _fsync(tmp / WEIGHTS_FILE)
@@ -150,9 +160,7 @@ def save_checkpoint(
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         nbytes = sum(t.nbytes for t in state_dict.values())
-        raise Ar3dInputError(
-            f"could not write the checkpoint: {describe_write_error(exc, target.parent, nbytes)}", target
-        ) from exc
+        raise write_error("could not write the checkpoint", exc, target, target.parent, nbytes) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -270,15 +278,15 @@ def check_model_size(checkpoint: Checkpoint) -> None:
     encoder's size is a lower bound (patch embedding, attention and MLP weights); a segmentation
     decoder is counted exactly by building it on torch's meta device (no memory).
     """
-    config, folder = checkpoint.config, checkpoint.path
+    config, folder = checkpoint.typed_config, checkpoint.path
     n_values = sum(t.numel() for t in checkpoint.state_dict.values())
-    cfg = ViT3DConfig.from_dict(config["encoder"])  # validated by read_config
+    cfg = config.encoder
     w, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
     needed = cfg.in_channels * cfg.patch_size**3 * w + cfg.depth * (4 * w * w + 2 * hidden * w)
-    decoder = (config.get("heads") or {}).get("segmentation", {}).get("decoder")
-    if decoder is not None:
-        from .segmentation import decoder_from_config
+    if config.heads.segmentation is not None:
+        from model_core.models.segmentation import decoder_from_config
 
+        decoder = config.heads.segmentation.decoder
         try:
             with torch.device("meta"):
                 module = decoder_from_config(cfg, decoder)
@@ -305,75 +313,20 @@ def count_values(path: str | os.PathLike) -> int:
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """Read and validate a checkpoint's config.json (no weights are read)."""
+    """A checkpoint's config.json as JSON, in the current version (no weights are read); see `load_config`."""
+    return load_config(path).to_json()
+
+
+def load_config(path: str | os.PathLike) -> CheckpointConfig:
+    """A checkpoint's config.json, typed: read, brought to the current version and checked (no weights are read).
+
+    Raises `CheckpointError` naming config.json and the problem.
+    """
     folder = _checkpoint_folder(Path(path))
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"the checkpoint folder has no {CONFIG_FILE}", folder)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"is not valid JSON ({exc})", config_path) from None
-    validate_config(config, config_path)
-    return config
-
-
-def validate_config(config: Any, where: str | os.PathLike = "config") -> None:
-    """Check the format, version and architecture of a config.json dict."""
-    if not isinstance(config, dict):
-        raise CheckpointError("config must be a JSON object", where)
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"format is {config.get('format')!r}, expected {FORMAT!r}", where)
-    version = config.get("version")
-    if not isinstance(version, int) or not 1 <= version <= VERSION:
-        raise CheckpointError(
-            f"version {version!r} is not supported (this napari-ar3d reads versions 1 to {VERSION})", where
-        )
-    if config.get("architecture") not in ARCHITECTURES:
-        raise CheckpointError(
-            f"unknown architecture {config.get('architecture')!r}; known: {', '.join(ARCHITECTURES)}", where
-        )
-    if not isinstance(config.get("encoder"), dict):
-        raise CheckpointError("config has no 'encoder' settings", where)
-    try:
-        ViT3DConfig.from_dict(config["encoder"])
-    except CheckpointError as exc:
-        raise CheckpointError(f"bad encoder settings ({exc})", where) from None
-    if config.get("objective") not in OBJECTIVES:
-        known = ", ".join(o for o in OBJECTIVES if o)
-        raise CheckpointError(f"unknown objective {config.get('objective')!r}; known: {known}", where)
-    for key, kind in (("heads", dict), ("preprocessing", dict), ("provenance", dict), ("classes", list)):
-        if not isinstance(config.get(key, kind()), kind):
-            raise CheckpointError(f"{key!r} must be a JSON {'object' if kind is dict else 'list'}", where)
-    sequence = config.get("provenance", {}).get("sequence", {})
-    if not isinstance(sequence, dict) or not all(type(sequence.get(k, 1)) is int and sequence.get(k, 1) > 0
-                                                 for k in ("crop", "slab")):
-        raise CheckpointError(f"the pretraining 'sequence' needs whole positive 'crop' and 'slab', got {sequence!r}",
-                              where)
-    if not all(isinstance(c, str) for c in config.get("classes", [])):
-        raise CheckpointError(f"'classes' must be a list of names, got {config['classes']!r}", where)
-    if config.get("modality", "any") not in MODALITIES:
-        raise CheckpointError(f"modality {config.get('modality')!r} is not one of {', '.join(MODALITIES)}", where)
-    try:
-        PreprocessConfig.from_dict(config.get("preprocessing", {}))
-    except (Ar3dInputError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad preprocessing settings ({_first_line(exc)})", where) from None
-    _validate_heads(config.get("heads", {}), where)
-
-
-def _validate_heads(heads: dict, where: str | os.PathLike) -> None:
-    """The parts of `heads` that loaders read: each a JSON object; a segmentation head's decoder and window."""
-    for name, head in heads.items():
-        if not isinstance(head, dict):
-            raise CheckpointError(f"head {name!r} must be a JSON object, got {head!r}", where)
-    seg = heads.get("segmentation")
-    if seg is None:
-        return
-    if not isinstance(seg.get("decoder"), dict) or not isinstance(seg["decoder"].get("kind"), str):
-        raise CheckpointError(f"the segmentation head has no decoder settings with a 'kind', got {seg}", where)
-    roi = seg.get("roi", [1, 1, 1])
-    if not (isinstance(roi, list) and len(roi) == 3 and all(type(r) is int and r > 0 for r in roi)):
-        raise CheckpointError(f"the segmentation window 'roi' must be three positive voxel counts, got {roi!r}", where)
+    return CheckpointConfig.from_json(config_path)
 
 
 def _checkpoint_folder(path: Path) -> Path:
@@ -463,12 +416,8 @@ def build_encoder(checkpoint: Checkpoint) -> ViT3D:
     Reads the tensors under "encoder." (a pretraining or fine-tuning checkpoint) or, when there
     are none, the unprefixed ones (an exported encoder).
     """
-    try:
-        cfg = ViT3DConfig.from_dict(checkpoint.config["encoder"])
-    except CheckpointError as exc:
-        raise CheckpointError(str(exc), checkpoint.path / CONFIG_FILE) from None
     check_model_size(checkpoint)
-    encoder = ViT3D(cfg)
+    encoder = ViT3D(checkpoint.typed_config.encoder)
     prefixed = any(k.startswith("encoder.") for k in checkpoint.state_dict)
     load_into(encoder, checkpoint, prefix="encoder." if prefixed else "")
     return encoder
@@ -609,3 +558,12 @@ def resolve_model(name_or_dir: str | os.PathLike) -> Path:
         )
     known = sorted(set(list_shipped()) | {DEFAULT_ENCODER})
     raise Ar3dInputError(f"unknown model {text!r}; known names: {', '.join(known)} (or pass a checkpoint folder)")
+
+
+def model_record(name_or_dir: str | os.PathLike, folder: Path) -> str | dict[str, str]:
+    """How provenance names a model that another was trained from: a shipped model (or `DEFAULT_ENCODER`) by
+    its name; a checkpoint folder by its name and the sha256 of its weights, never by its path."""
+    text = os.fspath(name_or_dir)
+    if text == DEFAULT_ENCODER or (text in list_shipped() and not Path(text).exists()):
+        return text
+    return describe_weights(folder, WEIGHTS_FILE)

@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import HeaderDataError
 
-from .errors import Ar3dInputError
+from model_core.errors import Ar3dEnvironmentError, Ar3dError, Ar3dInputError
 
 # 256 Mi voxels (512 x 512 x 1024: a long thin-slice CT still opens): 1 GiB as float32. Segmenting
 # peaks at about 70 bytes per input voxel with 2 classes and 15 more per extra class (measured on
@@ -157,7 +157,7 @@ def write_label_names(seg_path: str | os.PathLike, names: dict[int, str]) -> Pat
         os.replace(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise Ar3dInputError(f"could not write the file: {describe_write_error(e, target.parent)}", target) from e
+        raise write_error("could not write the file", e, target) from e
     return target
 
 
@@ -588,6 +588,20 @@ def describe_write_error(error: BaseException, folder: str | os.PathLike, nbytes
     return _first_line(error)
 
 
+def write_error(
+    what: str, error: BaseException, path: str | os.PathLike, folder: str | os.PathLike | None = None, nbytes: int = 0
+) -> Ar3dError:
+    """The error to raise when writing `path` failed: `what` ("could not write the file") and why.
+
+    A full disk is `Ar3dEnvironmentError` (free space or choose another folder); anything else (no
+    permission, not a folder) is `Ar3dInputError`, the output path being the user's choice.
+    """
+    problem = describe_write_error(error, Path(path).parent if folder is None else folder, nbytes)
+    if problem.startswith("no space left"):
+        return Ar3dEnvironmentError(f"{what}: {problem}; free some space or choose another folder", path)
+    return Ar3dInputError(f"{what}: {problem}", path)
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -622,7 +636,7 @@ def write_volume(
             else:
                 _write_itk(tmp, data, affine)
     except (OSError, RuntimeError) as e:
-        raise Ar3dInputError(f"could not write the file: {describe_write_error(e, path.parent, data.nbytes)}", path) from e
+        raise write_error("could not write the file", e, path, nbytes=data.nbytes) from e
     return path
 
 

@@ -1,7 +1,7 @@
 """napari sample data: the procedural CT abdomen and brain MRI phantoms, with their labels.
 
 Layers follow the reader's geometry: data shown in ITK order `(k, j, i)` and a layer `affine` from
-`model_core.io.napari_affine` (napari world = LPS mm as (z, y, x)); `metadata["ar3d"]` carries the
+`model_core.io.volume.napari_affine` (napari world = LPS mm as (z, y, x)); `metadata["ar3d"]` carries the
 same geometry fields as the reader plus "class_names". The labels layer lists the class names in
 its `features` table (column "class", one row per label value) and colours them anatomically.
 """
@@ -12,17 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from napari_ar3d.sample_data.phantoms import Phantom, make_brain_mri, make_ct_abdomen
+from model_core.data.phantoms import Phantom, make_brain_mri, make_ct_abdomen
+from model_core.vocabulary import CT_SOFT_TISSUE_HU
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
-CT_WINDOW = (-160.0, 240.0)  # soft tissue: level 40 HU, width 400 HU
 
 
 def ct_abdomen(seed: int = 0) -> list[LayerData]:
     """The CT abdomen phantom (Hounsfield units, soft-tissue window) and its organ labels."""
     phantom = make_ct_abdomen(seed=seed)
-    image_kwargs = {"contrast_limits": CT_WINDOW, "colormap": "gray"}
+    image_kwargs = {"contrast_limits": CT_SOFT_TISSUE_HU, "colormap": "gray"}
     return phantom_layers(phantom, "ct_abdomen", {"ct": image_kwargs})
 
 
@@ -42,8 +42,9 @@ def brain_mri(seed: int = 0) -> list[LayerData]:
 
 def phantom_layers(phantom: Phantom, name: str, image_kwargs: dict[str, dict[str, Any]]) -> list[LayerData]:
     """Image layers named "<name> <image>" (or "<name>" for a single image) and a "<name> labels" layer."""
-    from model_core.io import napari_affine
     from nibabel import aff2axcodes
+
+    from model_core.io.volume import napari_affine
 
     affine = napari_affine(phantom.affine)
     geometry = {

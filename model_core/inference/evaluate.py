@@ -12,15 +12,16 @@ not count in means); absent from one -> Dice 0 and HD95 infinite.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.ndimage as ndi
 
-from .errors import Ar3dInputError
-from .io import Volume
-from .preprocess import as_label_array, voxel_spacing
+from model_core.data.preprocess import as_label_array, voxel_spacing
+from model_core.errors import Ar3dInputError
+from model_core.io.volume import Volume, label_names_path, read_label_names, read_volume
 
 
 @dataclass
@@ -132,3 +133,45 @@ def mean_dice(scores: Sequence[ClassScore]) -> float:
     """Mean Dice over the classes present in the prediction or the truth (NaN if none)."""
     values = [s.dice for s in scores if not math.isnan(s.dice)]
     return float(np.mean(values)) if values else math.nan
+
+
+@dataclass
+class Evaluation:
+    """The scores of a label map against a reference, with the class names they were paired by."""
+
+    scores: list[ClassScore]
+    names: dict[int, str]  # label value -> class name (the prediction's with `by_name`, else the truth's)
+    unmatched: list[str]  # with `by_name`: the prediction's classes that have no truth class of that name
+
+
+def evaluate_files(
+    pred_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
+    labels: Sequence[int] | None = None,
+    *,
+    by_name: bool = False,
+    merge: dict[str, Sequence[int]] | None = None,
+) -> Evaluation:
+    """Dice and HD95 per class of the label map `pred_path` against `truth_path` (on the same grid).
+
+    labels: the values to score (default every non-zero value found). by_name: pair the classes by
+    the names beside each file (`<name>.labels.json` or `labels.json`), for maps that number them
+    differently; merge: truth values joined into one class first (only with `by_name`).
+    """
+    if merge and not by_name:
+        raise Ar3dInputError("--merge joins truth classes for --by-name; add --by-name")
+    pred, truth = read_volume(pred_path), read_volume(truth_path)
+    truth_names = read_label_names(truth_path)
+    if not by_name:
+        return Evaluation(evaluate_volumes(pred, truth, labels), truth_names, [])
+    names = read_label_names(pred_path)
+    for path, found in ((pred_path, names), (truth_path, truth_names)):
+        if not found:
+            raise Ar3dInputError(f"--by-name needs class names beside the file ({label_names_path(path).name} "
+                                 "or labels.json)", path)
+    truth.array, matched, unmatched = truth_by_name(truth.array, truth_names, names, merge)
+    if not matched:
+        raise Ar3dInputError(f"no class of {pred_path} ({', '.join(names.values())}) has a namesake in "
+                             f"{truth_path} ({', '.join(truth_names.values())}); --merge can join truth classes")
+    labels = [v for v in matched if labels is None or v in labels]
+    return Evaluation(evaluate_volumes(pred, truth, labels), names, unmatched)

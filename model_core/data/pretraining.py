@@ -4,12 +4,12 @@ Where the data comes from (`cases_from_paths`): a manifest (JSON, the format of 
 shared data: relative paths resolve against the manifest's folder), a folder scanned for images,
 single image files, and procedural phantoms ("phantoms", "phantom:ct", "phantom:mri").
 
-Each case is preprocessed once (`model_core.preprocess.preprocess_volume`: intensities to
+Each case is preprocessed once (`model_core.data.preprocess.preprocess_volume`: intensities to
 [0, 1], axes to RAS, voxels to the model spacing) and stored by `PreprocessCache` as .npy files
 that later loads memory-map: an epoch never re-reads or re-resamples a scan.
 
 A pretraining sample is a sequence of `n_sub` = 4 sub-volumes `(S, X, Y, Z)`, float32, in RAS
-voxel order, each `crop x crop x slab` (DESIGN.md, "The autoregressive objective"):
+voxel order, each `crop x crop x slab` (the AR-SSL4M sequence):
 - spatial: four overlapping slabs of one crop at z offsets s, s+stride, s+2 stride, s+3 stride;
 - contrast: one location in four co-registered contrasts (t1n, t1c, t2w, t2f);
 - semantic: crops centred on the same kind of labelled structure in four different cases.
@@ -34,18 +34,30 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import Ar3dInputError
-from .io import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, read_labels_json, read_volume, simpleitk
-from .preprocess import PreprocessConfig, as_label_array, normalize_intensity, preprocess_volume, resample_to_grid
-from .progress import ProgressFn, report
+from model_core.data.preprocess import (
+    PreprocessConfig,
+    as_label_array,
+    normalize_intensity,
+    preprocess_volume,
+    resample_to_grid,
+)
+from model_core.errors import Ar3dInputError
+from model_core.io.volume import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    Volume,
+    read_labels_json,
+    read_volume,
+    simpleitk,
+)
+from model_core.progress import ProgressFn, report
+from model_core.vocabulary import CONTRASTS, SEQUENCE_KINDS
 
 if TYPE_CHECKING:
-    from napari_ar3d.sample_data.phantoms import Phantom
+    from model_core.data.phantoms import Phantom
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_KINDS = ("spatial", "contrast", "semantic")
-CONTRASTS = ("t1n", "t1c", "t2w", "t2f")
 PHANTOM_PREFIX = "phantom:"
 PHANTOM_KINDS = ("ct", "mri")
 CACHE_VERSION = 2  # bump when the cached arrays change meaning (2: MRI background from mri_background)
@@ -205,7 +217,7 @@ def phantom_cases(kind: str, n: int) -> list[Case]:
         raise Ar3dInputError(f"unknown phantom kind {kind!r}; use phantoms, phantom:ct or phantom:mri")
     if n < 1:
         raise Ar3dInputError(f"n_phantoms must be at least 1, got {n}")
-    from napari_ar3d.sample_data.phantoms import CT_CLASSES, MRI_CLASSES
+    from model_core.data.phantoms import CT_CLASSES, MRI_CLASSES
 
     names = {k: v for k, v in (CT_CLASSES if kind == "ct" else MRI_CLASSES).items() if k != 0}
     cases = []
@@ -339,7 +351,7 @@ def _read(path: str) -> Volume:
 
 @lru_cache(maxsize=2)
 def _phantom(kind: str, seed: int) -> Phantom:
-    from napari_ar3d.sample_data.phantoms import make_brain_mri, make_ct_abdomen
+    from model_core.data.phantoms import make_brain_mri, make_ct_abdomen
 
     return make_ct_abdomen(seed) if kind == "ct" else make_brain_mri(seed)
 
@@ -347,7 +359,7 @@ def _phantom(kind: str, seed: int) -> Phantom:
 def _fingerprint(path: str) -> list:
     """What identifies a file's content cheaply: absolute path, size, mtime (every file of a folder)."""
     if path.startswith(PHANTOM_PREFIX):
-        from napari_ar3d.sample_data import phantoms  # phantoms change when their code does
+        from model_core.data import phantoms  # phantoms change when their code does
 
         st = os.stat(phantoms.__file__)
         return [path, st.st_size, st.st_mtime_ns]

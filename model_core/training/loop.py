@@ -3,12 +3,12 @@
 `train(objective, dataset, cfg, out_dir, ...)` runs AdamW with a linear-warmup cosine schedule,
 gradient clipping and bf16 autocast where supported, and writes into `out_dir`:
 
-- a checkpoint (`model_core.checkpoint`: config.json, model.safetensors, train_state/) every
+- a checkpoint (`model_core.checkpoint.store`: config.json, model.safetensors, train_state/) every
   `ckpt_every` steps, at the end and on cancel;
 - `loss_log.csv`: step, loss, lr, tokens_per_s, time_s every `log_every` steps.
 
 `objective` is an `nn.Module` mapping a batch to a dict with a scalar "loss" (see
-`model_core.objectives`); its whole state dict (encoder and head) is what the checkpoint holds.
+`model_core.objectives.autoregressive`); its whole state dict (encoder and head) is what the checkpoint holds.
 Dataset items are tensors (the objective gets the batch) or dicts with a "volumes" tensor (the
 objective gets the dict's tensor entries as keyword arguments; other entries are dropped).
 
@@ -31,12 +31,12 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterator, Sized
 from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sized
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import (
+from model_core.checkpoint.store import (
     TrainState,
     capture_rng,
     has_checkpoint,
@@ -55,14 +55,14 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .device import autocast_dtype, resolve_device
-from .errors import Ar3dInputError, CheckpointError
-from .io import describe_write_error
-from .progress import Cancelled, ProgressFn, StopFn, report
+from model_core.device import autocast_dtype, resolve_device
+from model_core.errors import Ar3dInputError, CheckpointError, TrainingError
+from model_core.io.volume import write_error
+from model_core.progress import Cancelled, ProgressFn, StopFn, report
+from model_core.vocabulary import AMP_MODES
 
 LOSS_LOG = "loss_log.csv"
 LOSS_LOG_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "time_s")
-AMP_CHOICES = ("auto", "bf16", "off")
 
 
 @dataclass
@@ -98,8 +98,8 @@ class TrainConfig:
             )
         if not 0 <= self.min_lr_ratio <= 1:
             raise Ar3dInputError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.amp not in AMP_CHOICES:
-            raise Ar3dInputError(f"TrainConfig.amp {self.amp!r} is not one of {', '.join(AMP_CHOICES)}")
+        if self.amp not in AMP_MODES:
+            raise Ar3dInputError(f"TrainConfig.amp {self.amp!r} is not one of {', '.join(AMP_MODES)}")
 
 
 @dataclass
@@ -268,7 +268,7 @@ def _append_log(path: Path, rows: list[tuple]) -> None:
     except OSError as exc:
         with suppress(OSError):
             path.unlink() if new else os.truncate(path, size)
-        raise Ar3dInputError(f"could not write the loss log ({describe_write_error(exc, path.parent)})", path) from exc
+        raise write_error("could not write the loss log", exc, path) from exc
 
 
 def _truncate_log(path: Path, after_step: int) -> None:
@@ -317,141 +317,231 @@ def train(
         raise Ar3dInputError(
             "already holds a checkpoint; resume it (--resume / resume=True) or choose another folder", out
         )
-    d, device = _init_distributed(cfg.device)
+    ranks, device = _init_distributed(cfg.device)
     try:
-        result = _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume, progress, should_stop, d, device)
-        if d.owns_group:
+        model = objective.to(device)
+        optimizer, scheduler = _optimizer(model, cfg, param_groups)
+        run = _Run(
+            model, dataset, cfg, out, checkpoint_config, ranks, device, optimizer, scheduler, progress, should_stop
+        )
+        result = _train(run, resume=resume and has_checkpoint(out))
+        if ranks.owns_group:
             dist.barrier()  # rank 0 may still be writing the last checkpoint
         return result
     finally:
-        if d.owns_group:
+        if ranks.owns_group:
             dist.destroy_process_group()
 
 
-def _train(objective, dataset, cfg, out, checkpoint_config, param_groups, resume, progress, should_stop, d, device):
-    model = objective.to(device)
+@dataclass
+class _Run:
+    """What one call of `train` works with."""
+
+    model: nn.Module  # the objective, on `device`: what the checkpoint holds
+    dataset: Dataset
+    cfg: TrainConfig
+    out: Path
+    checkpoint_config: dict
+    ranks: _Dist
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    progress: ProgressFn
+    should_stop: StopFn
+
+
+@dataclass
+class _Position:
+    """How far a run is: steps done (resumed ones included), the last loss, the last checkpoint."""
+
+    step: int
+    loss: float  # nan before the first step
+    wall_before: float  # training seconds of the runs before a resume
+    saved: bool  # a checkpoint exists (the resumed one, or one this run wrote)
+    saved_at: int  # the step of the last checkpoint
+    checkpoint: Path | None = None  # the checkpoint folder (rank 0 only)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of this run's steps
+
+
+@dataclass
+class _Clock:
+    """Training time, and the tokens read since the last loss-log row (for tokens/s)."""
+
+    wall_before: float
+    start: float = field(default_factory=time.perf_counter)
+    tick: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def wall(self, now: float) -> float:
+        return self.wall_before + now - self.start
+
+
+def _optimizer(
+    model: nn.Module, cfg: TrainConfig, param_groups: list[dict] | None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over `param_groups` (default: `default_param_groups`) and its warmup-cosine schedule."""
     groups = param_groups if param_groups is not None else default_param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
-    )
+    schedule = partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    start, wall_before, resumed_loss = 0, 0.0, math.nan
-    state = load_train_state(out) if resume and has_checkpoint(out) else None
-    if resume and has_checkpoint(out) and state is None:
-        raise CheckpointError("has no train_state/ to resume from (it is a final or exported checkpoint)", out)
-    if state is not None:
-        load_into(model, load_checkpoint(out))
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        if len(state.rng) != d.world:
-            raise CheckpointError(
-                f"was saved by {len(state.rng)} process(es) and is resumed by {d.world}; resume with the same number", out
-            )
-        restore_rng(state.rng[d.rank])
-        start, wall_before = state.step, float(state.extra.get("wall_time_s", 0.0))
-        resumed_loss = float(read_config(out)["provenance"].get("metrics", {}).get("loss", math.nan))
-    else:
-        torch.manual_seed(cfg.seed + d.rank)
-        np.random.seed(cfg.seed + d.rank)
-        random.seed(cfg.seed + d.rank)
-    if d.main:
-        _truncate_log(out / LOSS_LOG, start)
 
-    net = model
-    if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = {"auto": autocast_dtype(device), "bf16": torch.bfloat16, "off": None}[cfg.amp]
+def _train(run: _Run, resume: bool) -> TrainResult:
+    """Resume or seed, then step until `cfg.steps` or a stop; a checkpoint holds the last step."""
+    at = _restore(run) if resume else _seed(run)
+    if run.ranks.main:
+        _truncate_log(run.out / LOSS_LOG, at.step)
+    net = run.model
+    if run.ranks.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
+    loader = _loader(run, at.step)
+    run.model.train()
+    clock = _Clock(at.wall_before)
+    if run.ranks.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    stop_hooks = _stop_inside_steps(run.model, run.should_stop) if run.ranks.world == 1 else []
+    try:
+        cancelled = _steps(run, net, loader, at, clock)
+    finally:
+        for hook in stop_hooks:
+            hook.remove()
+    wall = clock.wall(time.perf_counter())
+    if at.step != at.saved_at or not at.saved:
+        at.checkpoint = _save(run, at.step, at.loss, wall)
+    return TrainResult(at.step, at.loss, at.checkpoint, cancelled, wall, at.history)
 
-    sampler = StepBatchSampler(
-        len(dataset) if isinstance(dataset, Sized) else None, cfg.batch_size, start, cfg.steps, d.rank, d.world
-    )
-    loader_seed = cfg.seed * 1_000_003 + start * 101 + d.rank
-    loader = DataLoader(
+
+def _restore(run: _Run) -> _Position:
+    """Load the weights, optimizer, schedule and this rank's RNG of the checkpoint in `run.out`."""
+    state = load_train_state(run.out)
+    if state is None:
+        raise CheckpointError("has no train_state/ to resume from (it is a final or exported checkpoint)", run.out)
+    load_into(run.model, load_checkpoint(run.out))
+    run.optimizer.load_state_dict(state.optimizer)
+    run.scheduler.load_state_dict(state.scheduler)
+    if len(state.rng) != run.ranks.world:
+        saved_by, world = len(state.rng), run.ranks.world
+        raise CheckpointError(
+            f"was saved by {saved_by} process(es) and is resumed by {world}; resume with the same number", run.out
+        )
+    restore_rng(state.rng[run.ranks.rank])
+    loss = float(read_config(run.out)["provenance"].get("metrics", {}).get("loss", math.nan))
+    wall_before = float(state.extra.get("wall_time_s", 0.0))
+    checkpoint = run.out if run.ranks.main else None
+    return _Position(state.step, loss, wall_before, saved=True, saved_at=state.step, checkpoint=checkpoint)
+
+
+def _seed(run: _Run) -> _Position:
+    """Seed torch, numpy and random for a fresh run (per rank); the position of step 0."""
+    seed = run.cfg.seed + run.ranks.rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return _Position(0, math.nan, 0.0, saved=False, saved_at=0)
+
+
+def _loader(run: _Run, start: int) -> DataLoader:
+    """This rank's batches of steps `start .. cfg.steps-1` (`StepBatchSampler`), with seeded workers."""
+    cfg, ranks, dataset = run.cfg, run.ranks, run.dataset
+    length = len(dataset) if isinstance(dataset, Sized) else None
+    sampler = StepBatchSampler(length, cfg.batch_size, start, cfg.steps, ranks.rank, ranks.world)
+    loader_seed = cfg.seed * 1_000_003 + start * 101 + ranks.rank
+    return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=run.device.type == "cuda",
         worker_init_fn=partial(_seed_worker, base_seed=loader_seed),
         generator=torch.Generator().manual_seed(loader_seed),  # keeps the global RNG untouched
     )
 
-    def save(step: int, last_loss: float, wall: float) -> Path | None:
-        rng = _gather_rng(d, device)  # a collective: every rank takes part
-        if not d.main:
-            return None
-        config = dict(checkpoint_config)
-        config["provenance"] = {
-            **checkpoint_config.get("provenance", {}),
-            "steps": step,
-            "wall_time_s": round(wall, 3),
-            "seed": cfg.seed,
-            "world_size": d.world,
-            "train": asdict(cfg),
-            "metrics": {"loss": last_loss},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        ts = TrainState(step, optimizer.state_dict(), scheduler.state_dict(), rng, {"wall_time_s": wall})
-        return save_checkpoint(out, model.state_dict(), config, ts)
 
-    model.train()
-    t0 = time.perf_counter()
-    step, last_loss, cancelled, saved_at, saved_any = start, resumed_loss, False, start, state is not None
-    history: list[tuple[int, float]] = []
-    checkpoint = out if d.main and saved_any else None
-    tick, tick_tokens = time.perf_counter(), 0
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    stop_hooks = _stop_inside_steps(model, should_stop) if d.world == 1 else []
+def _steps(run: _Run, net: nn.Module, loader: DataLoader, at: _Position, clock: _Clock) -> bool:
+    """Step through `loader`, advancing `at`; True when `should_stop` ended the run early."""
+    amp = {"auto": autocast_dtype(run.device), "bf16": torch.bfloat16, "off": None}[run.cfg.amp]
+    for batch in loader:
+        if run.should_stop is not None and _any_rank(run.should_stop(), run.ranks, run.device):
+            return True
+        batch = _to_device(batch, run.device)
+        tokens = _tokens(run.model, _volumes(batch)) * run.ranks.world
+        done = _step(run, net, batch, amp)
+        if done is None:
+            return True
+        at.step += 1
+        _after_step(run, at, clock, *done, tokens)
+    return False
+
+
+def _step(run: _Run, net: nn.Module, batch: torch.Tensor | dict, amp: torch.dtype | None) -> tuple[float, float] | None:
+    """One optimization step: autocast forward, backward, clip, AdamW, schedule.
+
+    Returns (loss, the lr it stepped with), or None when cancelled inside the step (`Cancelled`
+    from the hooks of `_stop_inside_steps`): the weights are then those of the last complete step.
+    """
     try:
-        for batch in loader:
-            if should_stop is not None and _any_rank(should_stop(), d, device):
-                cancelled = True
-                break
-            batch = _to_device(batch, device)
-            volumes = _volumes(batch)
-            try:
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-                    result = net(batch) if isinstance(batch, torch.Tensor) else net(**_tensors(batch))
-                loss = result["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            except Cancelled:  # mid-step: the weights are still those of the last complete step
-                optimizer.zero_grad(set_to_none=True)
-                cancelled = True
-                break
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            step += 1
+        with torch.autocast(run.device.type, dtype=amp) if amp is not None else nullcontext():
+            result = net(batch) if isinstance(batch, torch.Tensor) else net(**_tensors(batch))
+        loss = result["loss"]
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    except Cancelled:
+        run.optimizer.zero_grad(set_to_none=True)
+        return None
+    if run.cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.item(), lr
 
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise Ar3dInputError(f"training diverged: the loss is {last_loss} at step {step}; lower the learning rate")
-            history.append((step, last_loss))
-            tick_tokens += _tokens(model, volumes) * d.world
-            now = time.perf_counter()
-            tokens_per_s = tick_tokens / max(now - tick, 1e-9)
-            wall = wall_before + now - t0
-            if d.main:
-                report(progress, step, cfg.steps, "training", loss=last_loss, lr=lr, tokens_per_s=tokens_per_s)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                if d.main:
-                    row = (step, f"{last_loss:.6g}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{wall:.2f}")
-                    _append_log(out / LOSS_LOG, [row])
-                tick, tick_tokens = now, 0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint = save(step, last_loss, wall)
-                saved_at, saved_any = step, True
-    finally:
-        for hook in stop_hooks:
-            hook.remove()
-    wall = wall_before + time.perf_counter() - t0
-    if step != saved_at or not saved_any:
-        checkpoint = save(step, last_loss, wall)
-    return TrainResult(step, last_loss, checkpoint, cancelled, wall, history)
+
+def _after_step(run: _Run, at: _Position, clock: _Clock, loss: float, lr: float, tokens: int) -> None:
+    """After step `at.step`: stop on divergence, record the loss, report, log and checkpoint when due."""
+    cfg = run.cfg
+    if not math.isfinite(loss):
+        raise TrainingError(f"training diverged: the loss is {loss} at step {at.step}; lower the learning rate")
+    at.loss = loss
+    at.history.append((at.step, loss))
+    clock.tokens += tokens
+    now = time.perf_counter()
+    tokens_per_s = clock.tokens / max(now - clock.tick, 1e-9)
+    wall = clock.wall(now)
+    if run.ranks.main:
+        report(run.progress, at.step, cfg.steps, "training", loss=loss, lr=lr, tokens_per_s=tokens_per_s)
+    if at.step % cfg.log_every == 0 or at.step == cfg.steps:
+        if run.ranks.main:
+            row = (at.step, f"{loss:.6g}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{wall:.2f}")
+            _append_log(run.out / LOSS_LOG, [row])
+        clock.tick, clock.tokens = now, 0
+    if at.step % cfg.ckpt_every == 0 or at.step == cfg.steps:
+        at.checkpoint = _save(run, at.step, loss, wall)
+        at.saved, at.saved_at = True, at.step
+
+
+def _save(run: _Run, step: int, loss: float, wall: float) -> Path | None:
+    """Checkpoint weights, config and train state into `run.out`; the folder on rank 0, None elsewhere.
+
+    A collective (every rank's RNG goes into the train state): every rank must call it.
+    """
+    rng = _gather_rng(run.ranks, run.device)
+    if not run.ranks.main:
+        return None
+    base = run.checkpoint_config
+    config = dict(base)
+    config["provenance"] = {
+        **base.get("provenance", {}),
+        "steps": step,
+        "wall_time_s": round(wall, 3),
+        "seed": run.cfg.seed,
+        "world_size": run.ranks.world,
+        "train": asdict(run.cfg),
+        "metrics": {"loss": loss},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    state = TrainState(step, run.optimizer.state_dict(), run.scheduler.state_dict(), rng, {"wall_time_s": wall})
+    return save_checkpoint(run.out, run.model.state_dict(), config, state)
 
 
 def _stop_inside_steps(model: nn.Module, should_stop: StopFn) -> list:

@@ -38,8 +38,8 @@ from monai.networks.blocks import (
 )
 from torch import Tensor, nn
 
-from .errors import Ar3dInputError, CheckpointError
-from .models import ViT3D, ViT3DConfig
+from model_core.errors import Ar3dInputError, CheckpointError
+from model_core.models.vit import ViT3D, ViT3DConfig
 
 DecoderKind = Literal["light", "unetr"]
 DECODER_KINDS = ("light", "unetr")
@@ -188,9 +188,16 @@ class LightDecoder(nn.Module):
         up = F.interpolate(field, size=image.shape[2:], mode="trilinear", align_corners=False)  # (B, field, X, Y, Z)
         return self.refine(torch.cat([up, F.gelu(self.image(image)), image], dim=1))
 
-    def forward_points(self, image: Tensor, features: Tensor, points: Tensor) -> Tensor:
-        """Logits at voxels `points` (B, N), flat indices into (X, Y, Z): (B, K+1, N), equal to `forward` there."""
-        field = self._field(image, features)
+    def field(self, image: Tensor, features: Tensor) -> Tensor:
+        """What `forward_points` decodes points from: compute it once to decode many batches of points."""
+        return self._field(image, features)
+
+    def forward_points(self, image: Tensor, features: Tensor, points: Tensor, field: Tensor | None = None) -> Tensor:
+        """Logits at voxels `points` (B, N), flat indices into (X, Y, Z): (B, K+1, N), equal to `forward` there.
+
+        field: `self.field(image, features)` when it is already computed (features are then unused).
+        """
+        field = self._field(image, features) if field is None else field
         B, C = image.shape[:2]
         size = torch.tensor(image.shape[2:], device=image.device)
         ijk = torch.stack(torch.unravel_index(points, tuple(image.shape[2:])), dim=-1)  # (B, N, 3)

@@ -1,0 +1,1 @@
+"""Using a model: sliding-window segmentation (`segment`), explanation maps (`explain`), scoring (`evaluate`)."""

@@ -1,0 +1,1 @@
+"""Networks: the ViT3D encoder (`vit`) and the segmentation decoders (`segmentation`)."""
