@@ -1,13 +1,22 @@
-"""Few-shot segmentation, leave-one-out on the shared real data: pretrained encoders against scratch and a UNet.
+"""Few-shot segmentation on the shared real data: pretrained encoders against scratch and a UNet, with intervals.
 
 Tasks (cases from `<data>/manifest.json`):
 - brats_whole_tumor: BraTS 2015 dev cases (FLAIR), whole tumour = every label > 0, merged into one class;
+  leave-one-out;
 - brats_classes: the same cases, one model for the four classes (necrosis, edema, non-enhancing,
-  enhancing), Dice per class;
-- spleen: the TotalSegmentator CT cases whose labels.json names a spleen (silver labels).
+  enhancing), Dice per class; leave-one-out;
+- spleen: the TotalSegmentator CT cases whose labels.json names a spleen (silver labels); leave-one-out;
+- hippocampus: MSD hippocampus (anterior and posterior): a learning curve, training on the first
+  1, 2, 5, 10 (`--train-sizes`) cases of a seeded draw and testing each model on the same
+  `--test-cases` held-out cases;
+- tcia_followup: TCIA glioblastoma, T1 post-contrast tumour: train on a patient's first study, segment
+  the follow-up.
 
-Each fold trains on every case but one and segments the one left out (`model_core.segment`, on its
-own grid), scored with `model_core.inference.evaluate` (Dice; HD95 in the JSON). Initialisations:
+Each split trains every initialisation once and segments its test cases
+(`model_core.inference.segment`, on their own grid), scored with `model_core.inference.evaluate`
+(Dice; HD95 in the JSON). The summary gives, per task, training-set size and class, the mean Dice of
+each initialisation and the paired difference of ar against the others with a 95 % bootstrap
+interval over the test cases (`paired_dice.bootstrap_interval`). Initialisations:
 - ar: the AR-pretrained encoder (`--ar DIR` or a shipped name), `ar3d finetune --mode head` (or `--mode full`);
 - mae: the MAE-pretrained encoder (`--mae DIR`), same settings;
 - scratch: a randomly initialised encoder of the same size (of `--ar`'s, else `--scratch-config`);
@@ -21,6 +30,7 @@ averages the 8 mirror images of each window at inference on the tasks trained wi
 
     python benchmarks/fewshot.py --quick                       # smoke check: one fold, few steps
     python benchmarks/fewshot.py --ar runs/ar --mae runs/mae --markdown fewshot.md --out fewshot.json
+    python benchmarks/fewshot.py --ar ar3d-encoder --inits ar,scratch,unet --tasks hippocampus,tcia_followup
 
 Prints a Markdown table (Dice of every left-out case, the mean, and the mean fine-tuning time) for
 docs/benchmarks.md. BraTS is non-commercial data: it is only fine-tuned and evaluated on here.
@@ -66,6 +76,13 @@ from model_core.training.finetune import FinetuneConfig, finetune
 
 
 @dataclass
+class Split:
+    train: list  # model_core.data.pretraining.Case
+    test: list
+    name: str  # e.g. the left-out case, or "n=5"
+
+
+@dataclass
 class Task:
     name: str
     cases: list  # model_core.data.pretraining.Case
@@ -73,6 +90,11 @@ class Task:
     merge: dict[str, list[int]]
     scored: dict[str, list[int]]  # reported class name -> truth label values it covers
     flip_prob: float  # flips are natural for brain tumours, not for left/right organs
+    splits: list[Split] = field(default_factory=list)  # default: leave-one-out over `cases`
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            self.splits = [Split([c for c in self.cases if c is not case], [case], case.id) for case in self.cases]
 
 
 @dataclass
@@ -84,9 +106,10 @@ class Run:
     hd95_mm: dict[str, float]
     seconds: float
     extra: dict = field(default_factory=dict)
+    n_train: int = 0  # training cases of the model that segmented `case`
 
 
-def tasks(data: Path, names: list[str]) -> list[Task]:
+def tasks(data: Path, names: list[str], args) -> list[Task]:
     cases = cases_from_manifest(data / "manifest.json", use="finetune")
     brats = [c for c in cases if c.id.startswith("brats2015_")]
     spleen = [c for c in cases if c.id.startswith("totalseg_") and "spleen" in c.labels.values()
@@ -103,7 +126,36 @@ def tasks(data: Path, names: list[str]) -> list[Task]:
         value = next(v for v, n in spleen[0].labels.items() if n == "spleen")
         if all(c.labels.get(value) == "spleen" for c in spleen):
             out.append(Task("spleen", spleen, [value], {}, {"spleen": [value]}, flip_prob=0.0))
+    hippocampus = [c for c in cases if c.id.startswith("msd_hippocampus_")]
+    if "hippocampus" in names and len(hippocampus) > args.test_cases:
+        out.append(learning_curve(hippocampus, args))
+    if "tcia_followup" in names:
+        out += followup_tasks([c for c in cases if c.id.startswith("tcia_") and c.seg])
     return out
+
+
+def learning_curve(cases: list, args) -> Task:
+    """Hippocampus: the same `args.test_cases` held-out cases for every size; the training cases drawn by seed."""
+    order = np.random.default_rng(0).permutation(len(cases))
+    test = [cases[i] for i in order[: args.test_cases]]
+    pool = [cases[i] for i in order[args.test_cases:]]
+    pool = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
+    splits = [Split(pool[:n], test, f"n={n}") for n in args.train_sizes]
+    scored = {"anterior hippocampus": [1], "posterior hippocampus": [2]}
+    return Task("hippocampus", cases, [1, 2], {}, scored, flip_prob=0.0, splits=splits)
+
+
+def followup_tasks(cases: list) -> list[Task]:
+    """TCIA: per patient with two labelled studies, train on the first, test on the follow-up."""
+    by_patient: dict[str, list] = {}
+    for case in sorted(cases, key=lambda c: c.id):  # ids are tcia_<patient>_<date>
+        by_patient.setdefault(case.id.split("_")[1], []).append(case)
+    splits = [Split([first], [later], f"{patient} {first.id[-10:]} -> {later.id[-10:]}")
+              for patient, (first, later, *_) in by_patient.items() if len(by_patient[patient]) >= 2]
+    if not splits:
+        return []
+    value = next(iter(cases[0].labels))
+    return [Task("tcia_followup", cases, [value], {}, {"tumor": [value]}, flip_prob=0.5, splits=splits)]
 
 
 def truth_scores(pred: np.ndarray, truth: Volume, scored: dict[str, list[int]], classes: list[str]) -> tuple[dict, dict]:
@@ -121,9 +173,9 @@ def truth_scores(pred: np.ndarray, truth: Volume, scored: dict[str, list[int]], 
 # ----------------------------------------------------------------------------- the UNet baseline
 
 
-def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig, spacing, seconds: float,
-                  device: torch.device, seed: int, tta: bool = False) -> tuple[np.ndarray, list[str], dict]:
-    """Train MONAI's UNet for `seconds` on the same crops and loss; return labels on the test grid."""
+def unet_baseline(task: Task, train_cases: list, test_cases: list, cfg: FinetuneConfig, spacing, seconds: float,
+                  device: torch.device, seed: int, tta: bool = False) -> tuple[list[np.ndarray], list[str], dict]:
+    """Train MONAI's UNet for `seconds` on the same crops and loss; return labels on each test case's grid."""
     from monai.losses import MaskedDiceLoss
     from monai.networks.nets import UNet
 
@@ -160,49 +212,57 @@ def unet_baseline(task: Task, train_cases: list, test_case, cfg: FinetuneConfig,
     train_s = time.perf_counter() - t0
     segmenter = Segmenter(model=net.eval(), classes=cmap.classes, preprocess=pre_cfg, window=window, modality="any",
                           config={})
-    result = segment(segmenter, read_volume(test_case.image), device=device, tta=tta)
-    return result.labels, cmap.classes, {"steps": step, "loss": loss.item(), "train_s": round(train_s, 1)}
+    labels = [segment(segmenter, read_volume(c.image), device=device, tta=tta).labels for c in test_cases]
+    return labels, cmap.classes, {"steps": step, "loss": loss.item(), "train_s": round(train_s, 1)}
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def run_fold(task: Task, test_index: int, inits: dict[str, str], args, workdir: Path) -> list[Run]:
-    test = task.cases[test_index]
-    train_cases = [c for i, c in enumerate(task.cases) if i != test_index]
-    truth = read_volume(test.seg)
+def run_split(task: Task, split: Split, inits: dict[str, str], args, workdir: Path) -> list[Run]:
+    """Train every initialisation on `split.train` and score it on every case of `split.test`."""
+    truths = [read_volume(c.seg) for c in split.test]
     scratch = inits.get("ar") or inits.get("mae")
     scratch_cfg = ViT3DConfig.from_dict(read_config(scratch)["encoder"]) if scratch else ViT3DConfig.preset(args.scratch_config)
-    runs, budget = [], args.unet_seconds
+    runs, budget, n = [], args.unet_seconds, len(split.train)
     for init, model in inits.items():
         if init == "unet":
             continue
         cfg = FinetuneConfig(mode=args.mode, labels=task.labels, merge=task.merge, steps=args.steps,
                              crops_per_scan=args.crops, window=args.window, spacing=args.spacing, scratch_config=scratch_cfg,
                              flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob,
-                             seed=args.seed, device=args.device)
-        out = workdir / f"{task.name}_{test.id}_{init}"
+                             seed=args.seed, device=args.device, **args.augment)
+        out = workdir / f"{task.name}_{split.name.replace(' ', '_').replace('>', '')}_{init}"
         t0 = time.perf_counter()
-        result = finetune(model, [(c.image, c.seg) for c in train_cases], out, cfg, class_names=train_cases[0].labels,
-                          modality=test.modality)
+        result = finetune(model, [(c.image, c.seg) for c in split.train], out, cfg,
+                          class_names=split.train[0].labels, modality=split.test[0].modality)
         seconds = time.perf_counter() - t0
         budget = budget or seconds
-        pred = segment(load_segmenter(out), read_volume(test.image), device=args.device, modality=test.modality,
-                       tta=args.tta and cfg.flip_prob > 0)
-        dice, hd = truth_scores(pred.labels, truth, task.scored, result.classes)
-        runs.append(Run(task.name, init, test.id, dice, hd, seconds,
-                        {"cache_s": round(result.cache_s, 1), "train_s": round(result.train_s, 1)}))
-        print(f"  {task.name} {test.id} {init}: {fmt(dice)} ({seconds:.0f} s)", flush=True)
+        segmenter = load_segmenter(out)
+        for case, truth in zip(split.test, truths):
+            pred = segment(segmenter, read_volume(case.image), device=args.device, modality=case.modality,
+                           tta=args.tta and cfg.flip_prob > 0)
+            dice, hd = truth_scores(pred.labels, truth, task.scored, result.classes)
+            runs.append(Run(task.name, init, case.id, dice, hd, seconds,
+                            {"cache_s": round(result.cache_s, 1), "train_s": round(result.train_s, 1)}, n))
+        print(f"  {task.name} {split.name} {init}: {fmt(mean_scores(runs[-len(split.test):]))} ({seconds:.0f} s)",
+              flush=True)
     if "unet" in inits:
         spacing = args.spacing or (tuple(read_config(scratch)["preprocessing"]["spacing"]) if scratch else (1.5,) * 3)
         cfg = FinetuneConfig(labels=task.labels, merge=task.merge, window=args.window or 96, batch_size=2, seed=args.seed,
-                             flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob)
-        labels, classes, extra = unet_baseline(task, train_cases, test, cfg, spacing, budget or 60.0,
+                             flip_prob=task.flip_prob if args.flip_prob is None else args.flip_prob, **args.augment)
+        labels, classes, extra = unet_baseline(task, split.train, split.test, cfg, spacing, budget or 60.0,
                                                resolve_device(args.device), args.seed, args.tta and cfg.flip_prob > 0)
-        dice, hd = truth_scores(labels, truth, task.scored, classes)
-        runs.append(Run(task.name, "unet", test.id, dice, hd, extra["train_s"], extra))
-        print(f"  {task.name} {test.id} unet: {fmt(dice)} ({budget:.0f} s budget, {extra['steps']} steps)", flush=True)
+        for case, truth, pred in zip(split.test, truths, labels):
+            dice, hd = truth_scores(pred, truth, task.scored, classes)
+            runs.append(Run(task.name, "unet", case.id, dice, hd, extra["train_s"], extra, n))
+        print(f"  {task.name} {split.name} unet: {fmt(mean_scores(runs[-len(split.test):]))} "
+              f"({budget:.0f} s budget, {extra['steps']} steps)", flush=True)
     return runs
+
+
+def mean_scores(runs: list[Run]) -> dict[str, float]:
+    return {name: float(np.nanmean([r.dice[name] for r in runs])) for name in runs[0].dice}
 
 
 def fmt(scores: dict[str, float]) -> str:
@@ -231,13 +291,46 @@ def markdown(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def curves(runs: list[Run], against: tuple[str, ...] = ("scratch", "unet", "mae")) -> str:
+    """Per task, training-set size and class: mean Dice of each initialisation, and ar minus each other one,
+    paired over the test cases, with a 95 % bootstrap interval."""
+    from paired_dice import bootstrap_interval
+
+    inits = list(dict.fromkeys(r.init for r in runs))
+    others = [o for o in against if o in inits and "ar" in inits]
+    lines = ["| task | train cases | class | test cases | " + " | ".join(inits) + " | "
+             + " | ".join(f"ar - {o} (95 % interval)" for o in others) + " |",
+             "|---|---|---|---|" + "---|" * (len(inits) + len(others))]
+    keys = list(dict.fromkeys((r.task, r.n_train) for r in runs))
+    for task, n in keys:
+        group = [r for r in runs if (r.task, r.n_train) == (task, n)]
+        for name in group[0].dice:
+            score = {(r.init, r.case): r.dice[name] for r in group}
+            cases = sorted({c for _, c in score})
+            means = [np.nanmean([score.get((i, c), np.nan) for c in cases]) for i in inits]
+            cells = []
+            for other in others:
+                pairs = [(score[("ar", c)], score[(other, c)]) for c in cases if ("ar", c) in score and (other, c) in score]
+                diff = np.array([a - b for a, b in pairs])
+                lo, hi = bootstrap_interval(diff) if len(diff) > 1 else (math.nan, math.nan)
+                cells.append(f"{diff.mean():+.3f} ({lo:+.3f} to {hi:+.3f})" if len(diff) else "-")
+            lines.append(f"| {task} | {n} | {name} | {len(cases)} | " + " | ".join(f"{m:.3f}" for m in means)
+                         + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("AR3D_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
     parser.add_argument("--ar", help="AR-pretrained encoder checkpoint (folder or name)")
     parser.add_argument("--mae", help="MAE-pretrained encoder checkpoint")
     parser.add_argument("--inits", default="ar,mae,scratch,unet", help="initialisations to run (default all available)")
-    parser.add_argument("--tasks", default="brats_whole_tumor,brats_classes,spleen")
+    parser.add_argument("--tasks", default="brats_whole_tumor,brats_classes,spleen",
+                        help="among brats_whole_tumor, brats_classes, spleen, hippocampus, tcia_followup")
+    parser.add_argument("--train-sizes", default="1,2,5,10", help="hippocampus: training-set sizes (default 1,2,5,10)")
+    parser.add_argument("--test-cases", type=int, default=30, help="hippocampus: held-out test cases (default 30)")
+    parser.add_argument("--augment", default="", metavar="K=V,...",
+                        help="extra FinetuneConfig augmentation, e.g. contrast_curve=0.5,gamma=0.3,bias_field=0.3")
     parser.add_argument("--folds", type=int, help="only the first N folds of each task")
     parser.add_argument("--mode", choices=("head", "full"), default="head",
                         help="head: frozen encoder, light decoder (default); full: encoder + UNETR decoder, layer-wise lr decay")
@@ -265,6 +358,9 @@ def main() -> None:
         args.unet_seconds = args.unet_seconds or 20.0
     if args.spacing:
         args.spacing = (args.spacing,) * 3
+    args.train_sizes = [int(n) for n in args.train_sizes.split(",")]
+    args.augment = {k: (int(v) if k == "thick_slices" else float(v))
+                    for k, v in (item.split("=") for item in args.augment.split(",") if item)}
     wanted = args.inits.split(",")
     inits = {}
     for name in wanted:
@@ -275,12 +371,14 @@ def main() -> None:
             inits[name] = name if name == "scratch" else "unet"
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="fewshot-") as tmp:
-        for task in tasks(args.data, args.tasks.split(",")):
-            folds = range(len(task.cases))[: args.folds]
-            print(f"{task.name}: {len(task.cases)} cases, {len(folds)} folds, inits {', '.join(inits)}", flush=True)
-            for k in folds:
-                runs += run_fold(task, k, inits, args, Path(tmp))
-    table = markdown(runs)
+        for task in tasks(args.data, args.tasks.split(","), args):
+            splits = task.splits[: args.folds]
+            print(f"{task.name}: {len(task.cases)} cases, {len(splits)} splits, inits {', '.join(inits)}", flush=True)
+            for split in splits:
+                runs += run_split(task, split, inits, args, Path(tmp))
+                if args.out:  # after every split: a long run keeps what it measured
+                    args.out.write_text(json.dumps([r.__dict__ for r in runs], indent=1, default=float))
+    table = markdown([r for r in runs if r.task not in ("hippocampus", "tcia_followup")]) + "\n" + curves(runs)
     print()
     print(table)
     if args.markdown:

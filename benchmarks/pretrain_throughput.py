@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_core.device import resolve_device  # noqa: E402
 from model_core.models.vit import ViT3D, ViT3DConfig  # noqa: E402
-from model_core.objectives.autoregressive import build_objective  # noqa: E402
+from model_core.objectives.registry import build_objective  # noqa: E402
 
 SUB_VOLUMES, SLAB = 4, 32
 

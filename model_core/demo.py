@@ -13,9 +13,11 @@ Every file goes into one folder; `DemoResult.files` says where each is.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +31,9 @@ from model_core.io.volume import (
 )
 from model_core.progress import ProgressFn, report
 from model_core.vocabulary import DEFAULT_ENCODER, DEFAULT_SEGMENTER
+
+if TYPE_CHECKING:
+    from model_core.checkpoint.config import CheckpointConfig
 
 EXPLAIN_MAPS = ("attention", "prediction", "surprise")  # the PCA map is left out: slow, and 4D in napari
 
@@ -93,6 +98,18 @@ def class_dice(
     return {pred_classes[k - 1]: round(dice(pred == k, truth == k), 4) for k in matched}
 
 
+def training_phantom_seeds(config: CheckpointConfig) -> set[int]:
+    """Seeds of the CT phantoms a model was fine-tuned on, as the "cases" of its provenance list them
+    ({"phantom_100/101": {"split": "train", ...}}; data files are recorded by name only)."""
+    cases = config.provenance.extra.get("cases")
+    seeds: set[int] = set()
+    for name, case in cases.items() if isinstance(cases, dict) else ():
+        match = re.fullmatch(r"phantom_(\d+(?:/\d+)*)", name)
+        if match and isinstance(case, dict) and case.get("split") == "train":
+            seeds |= {int(s) for s in match.group(1).split("/")}
+    return seeds
+
+
 def run_demo(
     out_dir: str | Path,
     *,
@@ -137,7 +154,6 @@ def run_demo(
     result.dice = class_dice(seg.labels, seg.classes, truth, truth_names)
     files["dice"] = out / "dice.json"
     files["dice"].write_text(json.dumps({"segmenter": segmenter, "seed": seed, "dice": result.dice}, indent=1))
-    trained_on = " ".join(model.config.get("provenance", {}).get("data", []))
-    result.summary["seed_in_training_data"] = f"phantom_{seed}/" in trained_on
+    result.summary["seed_in_training_data"] = seed in training_phantom_seeds(model.config)
     timings["total"] = time.perf_counter() - t0
     return result

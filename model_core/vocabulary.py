@@ -25,6 +25,11 @@ WINDOW_PATCHES = 6  # a segmentation window's edge in patches (96 voxels for 16^
 ENCODER_SIZES = ("tiny", "small", "base")  # ViT3DConfig.preset names
 SEQUENCE_KINDS = ("spatial", "contrast", "semantic")  # the three kinds of pretraining sequence
 CONTRASTS = ("t1n", "t1c", "t2w", "t2f")  # the four co-registered MRI contrasts of a contrast sequence
+CONTRAST_ALIASES = {  # other names of those contrasts in file names (BraTS 2021+ names are the canonical ones)
+    "t1": "t1n", "t1pre": "t1n", "t1native": "t1n",
+    "t1post": "t1c", "t1ce": "t1c", "t1gd": "t1c",
+    "t2": "t2w", "flair": "t2f",
+}
 
 # Fine-tuning. "Training mode" is what trains: the decoder alone on a frozen encoder ("head") or
 # everything ("full"). "Annotation" is how a label map was painted: "dense" (every voxel labelled,

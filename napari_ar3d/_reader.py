@@ -10,7 +10,8 @@ not read (another plugin may), and never reads the file there. `read_layers` rai
 shows the message, and the viewer carries on with no layer added.
 
 The layer shows the volume in ITK order `(k, j, i)` and its `affine` holds the whole data-to-world
-transform (see `model_core.io.volume.napari_affine`); `metadata["ar3d"]` keeps the source geometry.
+transform (see `model_core.io.volume.napari_affine`); `metadata["ar3d"]` keeps the source geometry
+(and, for a DICOM series, its uid and files in slice order: the napari writer's DICOM-SEG references them).
 No torch here: `model_core.io.volume` is imported inside the functions and imports only nibabel / SimpleITK.
 """
 
@@ -64,7 +65,10 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
             "orientation": volume.orientation,
             "spacing": volume.spacing.tolist(),
             "modality": volume.meta.get("modality"),
+            "format": volume.meta.get("format"),
         }
+        if "source_files" in volume.meta:  # a DICOM series: what a DICOM-SEG of labels on it references
+            geometry.update(series_uid=volume.meta["series_uid"], source_files=volume.meta["source_files"])
         kwargs = {"name": split_suffix(p)[0], "affine": affine, "metadata": {"ar3d": geometry}}
         if _is_label_map(Path(p), volume.array):
             labels = check_labels(data, volume.path)  # uint8 / uint16 (k, j, i)

@@ -604,3 +604,12 @@ def test_mri_percentiles_skip_a_constant_background_of_a_z_scored_scan():
     shifted = x - x.min()  # the same scan with its air at 0: the usual rule gives the same result
     assert mri_background(shifted) == 0.0
     assert np.allclose(normalize_intensity(shifted, IntensityConfig("mri")), out, atol=1e-5)
+
+
+def test_contrast_names_in_other_spellings_make_a_contrast_sequence():
+    from model_core.data.pretraining import Case, contrast_name
+
+    assert [contrast_name(n) for n in ("t1pre", "T1post", "t2", "FLAIR", "t2f", "dwi")] == \
+        ["t1n", "t1c", "t2w", "t2f", "t2f", "dwi"]
+    case = Case("tcia", "/data/t1post.nii.gz", extra_images={"t1pre": "a", "t2": "b", "flair": "c"})
+    assert case.image_name == "t1c" and case.contrast_names() == {"t1n", "t1c", "t2w", "t2f"}

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from torch.utils.data import Dataset
     from model_core.checkpoint.store import make_config
     from model_core.models.vit import ViT3D, ViT3DConfig
-    from model_core.objectives.autoregressive import build_objective
+    from model_core.objectives.registry import build_objective
     from model_core.training.loop import TrainConfig, train
 
     out, steps, stop_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -365,3 +365,30 @@ def test_head_mode_on_one_phantom_segments_the_liver_of_another(tmp_path):
     print(json.dumps({"finetune_s": round(elapsed, 1), "liver_dice": scores}))
     assert scores[0] >= 0.9  # the phantom it was trained on
     assert min(scores[1], scores[2]) >= 0.9  # unseen phantoms of the same generator
+
+
+# ----------------------------------------------------------------------------- intensity augmentation
+
+
+@pytest.mark.parametrize("option", [{"contrast_curve": 1.0}, {"gamma": 1.0}, {"bias_field": 0.5}, {"thick_slices": 6}])
+def test_each_intensity_augmentation_changes_the_image_and_never_the_labels(option):
+    image, seg = small_phantom(0)
+    cmap = class_map({0, 1, 2, 3, 9}, NAMES, quick(labels=[1]))
+    target = cmap.lut(9)[seg.array.astype(np.int64)]
+    scan = prepare_scan((image.array - image.array.min()) / np.ptp(image.array), target, (32, 32, 32), "ph", "seg")
+    plain = CropDataset([scan], (32, 32, 32), quick(labels=[1], zoom=0.0, rotate=0.0, intensity_jitter=0.0), seed=0)
+    augmented = CropDataset([scan], (32, 32, 32), quick(labels=[1], zoom=0.0, rotate=0.0, intensity_jitter=0.0,
+                                                         **option), seed=0)
+    changed = 0
+    for i in range(8):
+        a, b = plain[i], augmented[i]
+        assert torch.equal(a["labels"], b["labels"])  # the same crop, the same labels
+        changed += not torch.allclose(a["volumes"], b["volumes"])
+    assert changed >= 2, f"{option} changed {changed} of 8 crops"
+
+
+@pytest.mark.parametrize("bad", [{"contrast_curve": 1.5}, {"gamma": -1.0}, {"bias_field": 9.0}, {"thick_slices": 0}])
+def test_bad_augmentation_settings_are_named(bad):
+    (name,) = bad
+    with pytest.raises(Ar3dInputError, match=f"FinetuneConfig.{name}"):
+        FinetuneConfig(**bad)

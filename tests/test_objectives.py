@@ -11,10 +11,10 @@ from model_core.models.vit import ViT3D, ViT3DConfig
 from model_core.objectives.autoregressive import (
     AutoregressiveObjective,
     MaskedAutoencoderObjective,
-    build_objective,
     normalize_patches,
     sample_prefix_len,
 )
+from model_core.objectives.registry import build_objective
 
 P = 4
 TINY = dict(patch_size=P, width=32, depth=2, heads=2)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from model_core.checkpoint.store import load_checkpoint, make_config
 from model_core.errors import Ar3dInputError, CheckpointError
 from model_core.models.vit import ViT3D, ViT3DConfig
-from model_core.objectives.autoregressive import build_objective
+from model_core.objectives.registry import build_objective
 from model_core.training.loop import (
     LOSS_LOG,
     LOSS_LOG_COLUMNS,

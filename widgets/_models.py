@@ -172,12 +172,12 @@ class ModelPicker(QWidget):
 
     def _default_index(self) -> int:
         """The first model whose objective suits the role (Segment: a segmenter; else an encoder)."""
-        from model_core.checkpoint.store import read_config, resolve_model
+        from model_core.checkpoint.store import load_config, resolve_model
 
         wanted = ROLE_OBJECTIVES[self.role]
         for i, entry in enumerate(self.registry.entries):
             try:
-                if read_config(resolve_model(entry.source)).get("objective") in wanted:
+                if load_config(resolve_model(entry.source)).objective in wanted:
                     return i
             except Ar3dInputError:
                 continue

@@ -8,7 +8,7 @@ image's transform and metadata, and a re-run replaces their data in place.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class SegmentOutput:
     uncertainty: np.ndarray | None
     probability: np.ndarray | None  # P(class) for the asked class, or P(not background)
     probability_of: str
+    algorithm: dict  # the model, as a DICOM-SEG of the labels names it: {"name", "version"}
 
 
 class SegmenterCache:
@@ -84,6 +85,7 @@ def segment_job(
     notify: Any,
 ) -> SegmentOutput:
     """Load (or reuse) the model and segment `volume`; runs in a worker, touches no Qt."""
+    from model_core.inference.outputs import segmenter_algorithm
     from model_core.inference.segment import segment
 
     segmenter = cache.get(source)
@@ -101,7 +103,7 @@ def segment_job(
         else:
             probability = 1.0 - probs[0]
     return SegmentOutput(result.labels, result.classes, result.uncertainty if uncertainty else None,
-                         probability, probability_of or "")
+                         probability, probability_of or "", asdict(segmenter_algorithm(segmenter)))
 
 
 class SegmentWidget(QWidget):
@@ -188,8 +190,9 @@ class SegmentWidget(QWidget):
     def _show(self, image: Any, out: SegmentOutput) -> None:
         if image not in self.viewer.layers:
             return  # the image was closed while the job ran
-        show_output(self.viewer, image, "labels", to_layer_data(out.labels), f"{image.name} segmentation",
-                    features=class_features(out.classes), colormap=class_colors(out.classes), opacity=0.6)
+        labels = show_output(self.viewer, image, "labels", to_layer_data(out.labels), f"{image.name} segmentation",
+                             features=class_features(out.classes), colormap=class_colors(out.classes), opacity=0.6)
+        labels.metadata = {**labels.metadata, "algorithm": out.algorithm}
         if out.probability is not None:
             layer = show_output(self.viewer, image, "image", to_layer_data(out.probability),
                                 f"{image.name} probability", colormap="magma", blending="additive",

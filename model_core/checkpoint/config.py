@@ -5,8 +5,9 @@ config.json, version 2:
     format, version, architecture   "napari-ar3d", 2, "vit3d"
     encoder         the ViT encoder (`ViT3DConfig`)
     heads           what the weights hold beside the encoder: "next_token" (AR pretraining),
-                    "mae_decoder" (MAE pretraining), "segmentation" (a decoder and its window)
-    objective       what trained the weights: null, "ar", "mae" or "segmentation"
+                    "mae_decoder" (MAE pretraining), "alice" (Alice's options; kept as JSON),
+                    "segmentation" (a decoder and its window)
+    objective       what trained the weights: null, "ar", "mae", "alice" or "segmentation"
     preprocessing   the model's input convention (`PreprocessConfig`: spacing, intensity)
     modality        what it was trained on: "CT", "MRI" or "any"
     classes         K class names; label value k is classes[k-1]
@@ -20,13 +21,14 @@ brings an older document to the current version (`migrate`), and refuses anythin
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args, get_type_hints
 
-from model_core.checkpoint.store.provenance import file_name, strip_paths
+from model_core.checkpoint.provenance import file_name, strip_paths
 from model_core.data.preprocess import PreprocessConfig
 from model_core.errors import Ar3dInputError, CheckpointError
 from model_core.models.vit import ViT3DConfig
@@ -36,7 +38,7 @@ FORMAT = "napari-ar3d"
 VERSION = 2  # 2: the segmentation "window" (was "roi"), annotation "dense" (was "full"), no paths in provenance
 CONFIG_FILE = "config.json"
 ARCHITECTURES = ("vit3d",)
-OBJECTIVES = (None, "ar", "mae", "segmentation")  # what trained the weights: pretraining or fine-tuning
+OBJECTIVES = (None, "ar", "mae", "alice", "segmentation")  # what trained the weights: pretraining or fine-tuning
 CHECKPOINT_MODALITIES = (*MODALITIES, MODALITY_ANY)
 
 Where = str | os.PathLike
@@ -75,8 +77,7 @@ def _v1_to_v2(doc: dict) -> None:
     heads = doc.get("heads")
     seg = heads.get("segmentation") if isinstance(heads, dict) else None
     if isinstance(seg, dict):
-        if "roi" in seg and "window" not in seg:
-            seg["window"] = seg.pop("roi")
+        _rename(seg, "roi", "window")
         patch = _patch_size(doc.get("encoder"))
         if "window" not in seg and patch is not None:
             seg["window"] = [WINDOW_PATCHES * patch] * 3
@@ -93,14 +94,22 @@ def _v1_provenance(prov: dict) -> dict:
     for record in (prov, settings if isinstance(settings, dict) else {}):
         if record.get("annotation") == "full":
             record["annotation"] = "dense"
-    if isinstance(settings, dict) and "roi" in settings and "window" not in settings:
-        settings["window"] = settings.pop("roi")
+    if isinstance(settings, dict):
+        _rename(settings, "roi", "window")
     encoder = prov.get("encoder")
     if isinstance(encoder, str) and ("/" in encoder or "\\" in encoder):
         prov["encoder"] = {"name": file_name(encoder)}
     if isinstance(prov.get("data"), str):
         prov["data"] = [prov["data"]]
     return strip_paths(prov)
+
+
+def _rename(doc: dict, old: str, new: str) -> None:
+    """Rename the key `old` of `doc` to `new` in place, where it stood (unless `new` is there already)."""
+    if old in doc and new not in doc:
+        items = [(new if k == old else k, v) for k, v in doc.items()]
+        doc.clear()
+        doc.update(items)
 
 
 def _patch_size(encoder: Any) -> int | None:
@@ -120,8 +129,9 @@ _MIGRATIONS = {1: _v1_to_v2}  # version -> the step that brings a document of th
 class NextTokenHeadConfig:
     """The AR objective's next-token head: a linear map from a token to the next patch's voxels."""
 
+    type: str  # "linear"
     out_features: int  # voxels of a patch: patch_size^3 * in_channels
-    type: str = "linear"
+    stats_weight: float = 0.0  # > 0: the head also predicts the next patch's brightness (`patch_stats`), so weighted
 
     @classmethod
     def from_json(cls, doc: dict, where: Where) -> NextTokenHeadConfig:
@@ -129,7 +139,17 @@ class NextTokenHeadConfig:
         out, kind = doc.get("out_features"), doc.get("type", "linear")
         if type(out) is not int or out < 1 or not isinstance(kind, str):
             _fail(f"the next_token head needs a positive 'out_features' and a 'type', got {_short(doc)}", where)
-        return cls(out, kind)
+        stats_weight = doc.get("stats_weight", 0.0)
+        if type(stats_weight) not in (int, float) or stats_weight < 0:
+            _fail(f"the next_token head's 'stats_weight' must be a number >= 0, got {stats_weight!r}", where)
+        return cls(type=kind, out_features=out, stats_weight=float(stats_weight))
+
+    def to_json(self) -> dict[str, Any]:
+        """Without "stats_weight" when it is 0 (off), as configs without it were written."""
+        doc = asdict(self)
+        if not self.stats_weight:
+            del doc["stats_weight"]
+        return doc
 
 
 @dataclass
@@ -207,7 +227,7 @@ _HEAD_TYPES = {"next_token": NextTokenHeadConfig, "mae_decoder": MaeDecoderConfi
 
 
 def _head_json(head: Any) -> dict:
-    return head.to_json() if isinstance(head, SegmentationHeadConfig) else asdict(head)
+    return head.to_json() if hasattr(head, "to_json") else asdict(head)
 
 
 def _known(doc: dict, cls: type, what: str, where: Where) -> None:
@@ -223,45 +243,41 @@ def _is_number(value: Any) -> bool:
 # ----------------------------------------------------------------------------- provenance
 
 
-def _recorded(*kinds: type) -> Any:
-    """A provenance field: absent (None) or a JSON value of one of `kinds`."""
-    return field(default=None, metadata={"kinds": kinds})
-
-
 @dataclass
 class Provenance:
     """Where the weights come from. Every field may be absent (None); keys this version does not
     know (a benchmark's "heldout" scores, "hardware", ...) are kept in `extra`.
 
-    Files are recorded by name and sha256 (`model_core.checkpoint.store.provenance.describe_file`), never
-    by path; `to_json` reduces any absolute path left in a text to its file name.
+    Files are recorded by name and sha256 (`model_core.checkpoint.provenance.describe_file`), never
+    by path; `to_json` reduces any absolute path left in a text to its file name. A field's type
+    says which JSON values `from_json` accepts for it.
     """
 
-    data: list | None = _recorded(list)  # file records, fine-tuning pairs {"image", "segmentation"}, or texts
-    licenses: list | None = _recorded(list)  # of the pretraining data, one per distinct licence
-    sequence: dict | None = _recorded(dict)  # pretraining: `SequenceConfig.to_dict()`
-    command: str | None = _recorded(str)  # the command line, paths reduced to file names
-    encoder: str | dict | None = _recorded(str, dict)  # fine-tuning's start: a shipped name, "scratch", a folder record
-    encoder_provenance: dict | None = _recorded(dict)  # the starting encoder's provenance
-    data_fingerprint: str | None = _recorded(str)  # fine-tuning: of every training voxel
-    mode: str | None = _recorded(str)  # fine-tuning's training mode: "head" or "full"
-    annotation: str | None = _recorded(str)  # "dense" or "sparse"
-    label_map: dict | None = _recorded(dict)  # `ClassMap.to_dict()`
-    finetune: dict | None = _recorded(dict)  # the `FinetuneConfig` settings
-    steps: int | None = _recorded(int)  # optimizer steps done
-    wall_time_s: float | None = _recorded(float)
-    seed: int | None = _recorded(int)
-    world_size: int | None = _recorded(int)
-    train: dict | None = _recorded(dict)  # the training loop's `TrainConfig`
-    metrics: dict | None = _recorded(dict)  # the last loss (and Dice)
-    created: str | None = _recorded(str)  # ISO 8601 time of the checkpoint
-    cancelled: bool | None = _recorded(bool)
-    timing_s: dict | None = _recorded(dict)  # fine-tuning: seconds per stage
+    data: list | None = None  # file records, fine-tuning pairs {"image", "segmentation"}, or texts
+    licenses: list | None = None  # of the pretraining data, one per distinct licence
+    sequence: dict | None = None  # pretraining: `SequenceConfig.to_dict()`
+    command: str | None = None  # the command line, paths reduced to file names
+    encoder: str | dict | None = None  # fine-tuning's start: a shipped name, "scratch", a folder record
+    encoder_provenance: dict | None = None  # the starting encoder's provenance
+    data_fingerprint: str | None = None  # fine-tuning: of every training voxel
+    mode: str | None = None  # fine-tuning's training mode: "head" or "full"
+    annotation: str | None = None  # "dense" or "sparse"
+    label_map: dict | None = None  # `ClassMap.to_dict()`
+    finetune: dict | None = None  # the `FinetuneConfig` settings
+    steps: int | None = None  # optimizer steps done
+    wall_time_s: float | None = None
+    seed: int | None = None
+    world_size: int | None = None
+    train: dict | None = None  # the training loop's `TrainConfig`
+    metrics: dict | None = None  # the last loss (and Dice)
+    created: str | None = None  # ISO 8601 time of the checkpoint
+    cancelled: bool | None = None
+    timing_s: dict | None = None  # fine-tuning: seconds per stage
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, doc: dict, where: Where) -> Provenance:
-        known = {f.name: f.metadata["kinds"] for f in fields(cls) if f.name != "extra"}
+        known = _provenance_kinds()
         for key, kinds in known.items():
             value = doc.get(key)
             if value is not None and not any(_is_kind(value, kind) for kind in kinds):
@@ -280,6 +296,14 @@ class Provenance:
         sequence = self.sequence or {}
         crop, slab = sequence.get("crop", default[0]), sequence.get("slab", default[2])
         return (crop, crop, slab)
+
+
+@functools.cache
+def _provenance_kinds() -> dict[str, tuple[type, ...]]:
+    """Provenance field -> the JSON types it accepts, from its type ("str | dict | None" -> (str, dict))."""
+    hints = get_type_hints(Provenance)
+    return {f.name: tuple(t for t in get_args(hints[f.name]) if t is not type(None))
+            for f in fields(Provenance) if f.name != "extra"}
 
 
 _KIND_NAMES = {list: "a JSON list", dict: "a JSON object", str: "a text", int: "a whole number",

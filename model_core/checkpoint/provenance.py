@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from model_core.errors import Ar3dInputError
 
 _CHUNK = 1 << 20  # bytes read at a time while hashing
@@ -44,14 +42,6 @@ def describe_weights(folder: str | os.PathLike, weights_file: str) -> dict[str, 
     """A checkpoint folder: {"name": the folder's name, "sha256": of its weights file}."""
     folder = Path(folder).resolve()
     return {"name": folder.name, "sha256": describe_file(folder / weights_file)["sha256"]}
-
-
-def describe_array(name: str, array: np.ndarray) -> dict[str, str]:
-    """A volume given in memory (a napari layer): {"name": its name reduced to a file name,
-    "voxels_sha256": of its shape, type and voxels}."""
-    digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
-    digest.update(np.ascontiguousarray(array).data)
-    return {"name": file_name(name), "voxels_sha256": digest.hexdigest()}
 
 
 def describe_source(item: str | os.PathLike) -> dict[str, str] | str:

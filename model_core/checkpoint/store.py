@@ -43,7 +43,7 @@ from model_core.checkpoint.config import (
     VERSION,
     CheckpointConfig,
 )
-from model_core.checkpoint.store.provenance import describe_weights
+from model_core.checkpoint.provenance import describe_weights
 from model_core.errors import Ar3dInputError, CheckpointError
 from model_core.io.volume import write_error
 from model_core.models.vit import ViT3D

@@ -71,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--zoom", type=float, default=0.15, help="random scaling of each crop by 1 +- this (default 0.15)")
     run.add_argument("--rotate", type=float, default=0.1, metavar="RADIANS",
                      help="random rotation of each crop about each axis, up to this (default 0.1)")
+    run.add_argument("--contrast-curve", type=float, default=0.0, metavar="P",
+                     help="probability of a random smooth intensity curve per crop, for other contrast phases or "
+                          "scanners (default 0: off)")
+    run.add_argument("--gamma", type=float, default=0.0, help="random gamma in [1/(1+G), 1+G] (default 0: off)")
+    run.add_argument("--bias-field", type=float, default=0.0, metavar="C",
+                     help="random MRI bias field with coefficients up to C, e.g. 0.3 (default 0: off)")
+    run.add_argument("--thick-slices", type=int, default=1, metavar="N",
+                     help="simulate slices up to N voxels thick along S, for thick-slice scans (default 1: off)")
     run.add_argument("--seed", type=int, default=0)
     add_device(run, amp=True)
 
@@ -86,6 +94,7 @@ def _config(args: argparse.Namespace):
         merge=dict(merge(item) for item in args.merge), background_label=args.background_label,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, window=args.window, crops_per_scan=args.crops,
         ckpt_every=args.ckpt_every, flip_prob=args.flip_prob, zoom=args.zoom, rotate=args.rotate,
+        contrast_curve=args.contrast_curve, gamma=args.gamma, bias_field=args.bias_field, thick_slices=args.thick_slices,
         ct_window=ct_window(args.ct_window) if args.ct_window else None,
         spacing=spacing(args.spacing) if args.spacing else None,
         scratch_config=ViT3DConfig.from_spec(args.config or "tiny", **overrides(args.overrides)),

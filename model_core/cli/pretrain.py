@@ -1,4 +1,4 @@
-"""`ar3d pretrain`: pretrain an encoder (autoregressive or MAE); torchrun-ready."""
+"""`ar3d pretrain`: pretrain an encoder (autoregressive, MAE or Alice); torchrun-ready."""
 
 from __future__ import annotations
 
@@ -21,13 +21,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"encoder size ({', '.join(ENCODER_SIZES)}) or a JSON file; default tiny (the shipped size)")
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                        help="override one encoder field, e.g. --set depth=2 (repeatable)")
-    model.add_argument("--objective", choices=("ar", "mae"), help="autoregressive (default) or MAE baseline")
+    model.add_argument("--objective", choices=("ar", "mae", "alice"),
+                       help="autoregressive (default), MAE baseline, or Alice (cross-patient views, EMA teacher)")
+    model.add_argument("--stats-weight", type=float, default=0.1, metavar="W",
+                       help="ar: weight of the next patch's brightness and texture beside its normalised voxels, "
+                            "which the surprise map needs (default 0.1; 0: the paper's objective alone)")
     data = p.add_argument_group("data (fixed by the checkpoint on --resume)")
     data.add_argument("--sequence", metavar="KINDS",
                       help="comma-separated sequence kinds (default spatial,contrast,semantic: those the data supports)")
     data.add_argument("--crop", type=int,
-                      help=f"in-plane size of each sub-volume in voxels (default {PRETRAIN_WINDOW[0]})")
-    data.add_argument("--slab", type=int, help=f"depth of each sub-volume in voxels (default {PRETRAIN_WINDOW[2]})")
+                      help=f"in-plane size of each sub-volume in voxels (default {PRETRAIN_WINDOW[0]}; alice: 64)")
+    data.add_argument("--slab", type=int,
+                      help=f"depth of each sub-volume in voxels (default {PRETRAIN_WINDOW[2]}; alice: 64)")
     data.add_argument("--spacing", metavar="MM", help="model voxel spacing: one value or three, comma-separated (default 1.5)")
     data.add_argument("--modality", choices=(*MODALITIES, MODALITY_ANY), help="recorded in the model card (default any)")
     data.add_argument("--phantoms", type=int, default=8, metavar="N", help="phantoms of each kind for 'phantoms' (default 8)")
@@ -53,13 +58,16 @@ def _settings(args: argparse.Namespace):
     from model_core.data.preprocess import PreprocessConfig
     from model_core.data.pretraining import SequenceConfig
     from model_core.models.vit import ViT3DConfig
+    from model_core.objectives.registry import objective_entry
     from model_core.training.pretrain import PretrainSettings, resolve_settings
 
+    window = objective_entry(args.objective or "ar").window
     fresh = PretrainSettings(
         encoder=ViT3DConfig.from_spec(args.config or "tiny", **overrides(args.overrides)).to_dict(),
         objective=args.objective or "ar",
+        options={"stats_weight": args.stats_weight} if (args.objective or "ar") == "ar" and args.stats_weight else {},
         sequence=SequenceConfig(kinds=_kinds(args.sequence or ",".join(SEQUENCE_KINDS)),
-                                crop=args.crop or PRETRAIN_WINDOW[0], slab=args.slab or PRETRAIN_WINDOW[2]).to_dict(),
+                                crop=args.crop or window[0], slab=args.slab or window[2]).to_dict(),
         preprocessing=PreprocessConfig(spacing=spacing(args.spacing or "1.5")).to_dict(),
         modality=args.modality or MODALITY_ANY,
     )
@@ -107,4 +115,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command("pretrain", "pretrain an encoder (autoregressive or MAE); torchrun-ready", add_arguments, run)
+COMMAND = Command("pretrain", "pretrain an encoder (autoregressive, MAE or Alice); torchrun-ready", add_arguments, run)

@@ -13,8 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="3D images: NIfTI, NRRD, MHA/MHD or DICOM folders")
     p.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="a fine-tuned segmentation model")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT",
-                   help="label file for one input (.nii.gz, .nii, .nrrd, .mha); a folder for several. "
-                        "The class names go beside each label file as <name>.labels.json")
+                   help="label file for one input (.nii.gz, .nii, .nrrd, .mha, or .dcm: a DICOM-SEG of a DICOM "
+                        "series); a folder for several. The class names go beside each label file as "
+                        "<name>.labels.json (inside a DICOM-SEG)")
     p.add_argument("--probabilities", action="store_true",
                    help="also write each class's probability (<name>_prob_<class>) and the uncertainty beside")
     p.add_argument("--modality", choices=MODALITIES, help="modality hint for the intensity normalisation")

@@ -16,11 +16,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.ndimage as ndi
 import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
+    MapTransform,
+    RandAdjustContrastd,
     RandAffined,
+    RandBiasFieldd,
     RandCropByPosNegLabeld,
     RandFlipd,
+    RandHistogramShiftd,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
@@ -185,9 +192,42 @@ def prepare_scan(
     return PreparedScan(name, img, tgt, fg, bg)
 
 
+class RandThickSlices(RandomizableTransform, MapTransform):
+    """Simulate thick slices along the last (superior) axis: blocks of k slices replaced by their mean.
+
+    k is drawn from 1..`max_thickness` (1: unchanged). A 6.5 mm post-contrast MRI seen by a 1.5 mm model
+    grid is such a volume, with k about 4. Labels are left as they are: the anatomy did not move.
+    """
+
+    def __init__(self, keys: KeysCollection, max_thickness: int, prob: float = 0.5):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.max_thickness = max_thickness
+        self.thickness = 1
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.thickness = int(self.R.randint(1, self.max_thickness + 1)) if self._do_transform else 1
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        if self.thickness == 1:
+            return data
+        out = dict(data)
+        for key in self.key_iterator(out):
+            x = torch.as_tensor(out[key])  # (C, X, Y, Z)
+            z, k = x.shape[-1], self.thickness
+            pad = -z % k
+            blocks = F.pad(x, (0, pad), mode="replicate") if pad else x
+            means = blocks.unflatten(-1, (-1, k)).mean(-1, keepdim=True)  # (C, X, Y, Z/k, 1)
+            out[key] = means.expand(*means.shape[:-1], k).flatten(-2)[..., :z].to(x.dtype)
+        return out
+
+
 def augmentation(window: Sequence[int], cfg: FinetuneConfig) -> Compose:
     """MONAI transforms on {"image", "label", "fg", "bg"}: a crop around a class voxel (or background), zoom and
-    rotation, flips, intensity."""
+    rotation, flips, then the image's intensities: scale and shift, a random smooth intensity curve (contrast
+    phases, other scanners), gamma, an MRI bias field, thick slices."""
     keys = ("image", "label")
     return Compose([
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=tuple(window), pos=cfg.pos_fraction,
@@ -197,7 +237,22 @@ def augmentation(window: Sequence[int], cfg: FinetuneConfig) -> Compose:
         *[RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)],
         RandScaleIntensityd("image", factors=cfg.intensity_jitter, prob=1.0),
         RandShiftIntensityd("image", offsets=cfg.intensity_jitter, prob=1.0),
+        *intensity_augmentation(cfg),
     ])
+
+
+def intensity_augmentation(cfg: FinetuneConfig) -> list:
+    """The optional intensity transforms of `cfg` (each off at 0), on intensities in [0, 1]."""
+    transforms = []
+    if cfg.contrast_curve:
+        transforms.append(RandHistogramShiftd("image", num_control_points=(5, 10), prob=cfg.contrast_curve))
+    if cfg.gamma:
+        transforms.append(RandAdjustContrastd("image", gamma=(1 / (1 + cfg.gamma), 1 + cfg.gamma), prob=0.5))
+    if cfg.bias_field:
+        transforms.append(RandBiasFieldd("image", coeff_range=(0.0, cfg.bias_field), prob=0.5))
+    if cfg.thick_slices > 1:
+        transforms.append(RandThickSlices("image", cfg.thick_slices, prob=0.5))
+    return transforms
 
 
 class CropDataset(Dataset):

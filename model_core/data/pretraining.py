@@ -51,7 +51,7 @@ from model_core.io.volume import (
     simpleitk,
 )
 from model_core.progress import ProgressFn, report
-from model_core.vocabulary import CONTRASTS, SEQUENCE_KINDS
+from model_core.vocabulary import CONTRAST_ALIASES, CONTRASTS, SEQUENCE_KINDS
 
 if TYPE_CHECKING:
     from model_core.data.phantoms import Phantom
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 PHANTOM_PREFIX = "phantom:"
 PHANTOM_KINDS = ("ct", "mri")
-CACHE_VERSION = 2  # bump when the cached arrays change meaning (2: MRI background from mri_background)
+CACHE_VERSION = 3  # bump when the cached arrays change meaning (3: canonical contrast names)
 _NOT_IMAGE_WORDS = ("seg", "label", "mask")  # file names with these are not images to pretrain on
 _SEG_WORDS = ("seg", "label")
 _IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
@@ -82,12 +82,17 @@ class Case:
 
     @property
     def image_name(self) -> str:
-        """The main image's name among the contrasts: its file name without suffixes ("t1c")."""
-        return _stem(self.image)
+        """The main image's name among the contrasts: its file name without suffixes, canonical ("t1c")."""
+        return contrast_name(_stem(self.image))
 
     def contrast_names(self) -> set[str]:
-        """Names of every co-registered image: the main image's and the extra images'."""
-        return {self.image_name, *self.extra_images}
+        """Names of every co-registered image: the main image's and the extra images' (canonical)."""
+        return {self.image_name, *map(contrast_name, self.extra_images)}
+
+
+def contrast_name(name: str) -> str:
+    """The canonical name of an MRI contrast ("flair" -> "t2f", "t1post" -> "t1c"); other names unchanged."""
+    return CONTRAST_ALIASES.get(name.lower(), name)
 
 
 def cases_from_manifest(path: str | os.PathLike, use: str | None = "pretrain") -> list[Case]:
@@ -317,6 +322,7 @@ def preprocess_case(case: Case, cfg: PreprocessConfig) -> CaseData:
     contrasts = {case.image_name: pre.array}
     intensity = cfg.intensity_for(pre.modality)
     for name, path in case.extra_images.items():
+        name = contrast_name(name)
         if name in contrasts:
             continue
         extra = _read(path)

@@ -66,7 +66,7 @@ from model_core.io.volume import (
     write_error,
     write_volume,
 )
-from model_core.models.vit import NextTokenHead, ViT3D, unpatchify
+from model_core.models.vit import NextTokenHead, ViT3D, patch_stats, unpatchify
 from model_core.objectives.autoregressive import normalize_patches
 from model_core.progress import Cancelled, ProgressFn, StopFn, check_stop, report
 from model_core.vocabulary import PRETRAIN_WINDOW
@@ -82,6 +82,7 @@ __all__ = [
     "next_token_prediction",
     "surprise_map",
     "patch_surprise",
+    "stats_surprise",
     "pca_features",
     "explain",
     "Cancelled",
@@ -145,7 +146,7 @@ def load_explain_model(name_or_dir: str | os.PathLike, device: str | torch.devic
             checkpoint.path,
         )
     encoder = build_encoder(checkpoint)
-    head = NextTokenHead(encoder.cfg)
+    head = NextTokenHead(encoder.cfg, stats="head.stats.weight" in checkpoint.state_dict)
     load_into(head, checkpoint, prefix="head.")
     config = checkpoint.typed_config
     window = config.provenance.sequence_window(PRETRAIN_WINDOW)
@@ -357,6 +358,14 @@ def patch_surprise(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - normalize_patches(true.float(), eps=_EPS)) ** 2).mean(-1)
 
 
+def stats_surprise(pred_stats: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """(B, n, 2) predicted `patch_stats` and (B, n, p^3) TRUE patch voxels -> (B, n) mean squared error.
+
+    One unit is a tenth of the intensity range in mean brightness, or a factor e in contrast.
+    """
+    return ((pred_stats.float() - patch_stats(true.float())) ** 2).mean(-1)
+
+
 @torch.inference_mode()
 def _causal_pass(
     model: ExplainModel, grid: ModelGrid, progress: ProgressFn, should_stop: StopFn
@@ -379,7 +388,10 @@ def _causal_pass(
         t_grid = tuple((s.stop - s.start) // p for s in tile)
         prediction[tile] = unpatchify(pred * std + mean, p, t_grid)[0, 0].cpu().numpy()
         token_tile = tuple(slice(s.start // p, s.stop // p) for s in tile)
-        surprise[token_tile] = patch_surprise(pred, true).reshape(t_grid).cpu().numpy()
+        per_token = patch_surprise(pred, true)  # (1, n)
+        if model.head.stats is not None:  # brightness and texture, which the normalised voxels cannot show
+            per_token = per_token + stats_surprise(model.head.forward_stats(tokens[:, :-1]), true)
+        surprise[token_tile] = per_token.reshape(t_grid).cpu().numpy()
     report(progress, len(tiles), len(tiles), "next-token prediction")
     return prediction, surprise
 
@@ -406,7 +418,9 @@ def surprise_map(
     """Per-token prediction error, (I, J, K) float32 on the input grid, trilinear between token centres.
 
     Per token: mean over its voxels of (predicted - true)^2, both patches normalised to zero mean and
-    unit std (the pretraining loss of that token); see `next_token_prediction` for the windows.
+    unit std (the pretraining loss of that token); see `next_token_prediction` for the windows. A
+    model whose head predicts patch brightness (`NextTokenHead.stats`) adds `stats_surprise`: the
+    normalised pattern alone cannot see a patch that is unexpectedly bright or dark.
     """
     grid = _grid(model, volume)
     _, surprise = _causal_pass(model, grid, progress, should_stop)

@@ -472,6 +472,7 @@ def _read_dicom(path: Path, series_uid: str | None, max_voxels: int) -> Volume:
         "series_uid": uid,
         "series_description": tags.get(_TAG_DESCRIPTION, ""),
         "files": len(files),
+        "source_files": [str(f) for f in files],  # in slice order
     }
     return _volume_from_sitk(image, shape, folder, meta)
 

@@ -419,14 +419,42 @@ class ViT3D(nn.Module):
         return self.forward_features(volumes, **kwargs)
 
 
-class NextTokenHead(nn.Module):
-    """Linear map from a token (C) to the voxels of the next patch (p^3 * in_channels)."""
+STATS_MEAN_SCALE = 0.1  # patch means are predicted in units of this (intensities lie in [0, 1])
+STATS_STD_FLOOR = 1e-3  # log std of a patch is log(std + this)
 
-    def __init__(self, cfg: ViT3DConfig):
+
+def patch_stats(patches: Tensor) -> Tensor:
+    """(..., p^3) raw patch voxels -> (..., 2): mean / STATS_MEAN_SCALE and log(std + STATS_STD_FLOOR).
+
+    What the per-patch normalised target hides: how bright and how textured the patch is, on
+    scales where one unit is a visible difference.
+    """
+    mean = patches.mean(-1)
+    std = patches.std(-1, unbiased=False)
+    return torch.stack([mean / STATS_MEAN_SCALE, torch.log(std + STATS_STD_FLOOR)], dim=-1)
+
+
+class NextTokenHead(nn.Module):
+    """Linear map from a token (C) to the voxels of the next patch (p^3 * in_channels), normalised per patch.
+
+    With `stats`, a second linear map predicts the next patch's `patch_stats` (brightness and texture),
+    which the normalised voxels cannot show.
+    """
+
+    def __init__(self, cfg: ViT3DConfig, stats: bool = False):
         super().__init__()
         self.proj = nn.Linear(cfg.width, cfg.patch_size**3 * cfg.in_channels)
+        self.stats = nn.Linear(cfg.width, 2) if stats else None
         init_weights(self.proj)
+        if self.stats is not None:
+            init_weights(self.stats)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, L, C) -> (B, L, p^3 * in_channels)."""
         return self.proj(tokens)
+
+    def forward_stats(self, tokens: Tensor) -> Tensor:
+        """(B, L, C) -> (B, L, 2): predicted `patch_stats` of the next patch."""
+        if self.stats is None:
+            raise Ar3dInputError("this next-token head predicts no patch brightness (it was pretrained without it)")
+        return self.stats(tokens)

@@ -13,8 +13,6 @@ target from the prefix, so the loss counts only tokens P+1..N.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +22,7 @@ from model_core.models.vit import (
     NextTokenHead,
     ViT3D,
     init_weights,
+    patch_stats,
     sequence_pos_embed,
 )
 
@@ -44,12 +43,20 @@ def sample_prefix_len(batch: int, n_tokens: int, generator: torch.Generator | No
 
 
 class AutoregressiveObjective(nn.Module):
-    """Next-token prediction with a random prefix (AR-SSL4M). Owns a `NextTokenHead` on top of `encoder`."""
+    """Next-token prediction with a random prefix (AR-SSL4M). Owns a `NextTokenHead` on top of `encoder`.
 
-    def __init__(self, encoder: ViT3D):
+    stats_weight > 0 adds the next patch's brightness and texture (`patch_stats`, which the normalised
+    target removes) as a second regression, weighted so; the surprise map needs it to see brightness.
+    0 is the paper's objective.
+    """
+
+    def __init__(self, encoder: ViT3D, stats_weight: float = 0.0):
         super().__init__()
+        if not 0 <= stats_weight:
+            raise Ar3dInputError(f"stats_weight must be >= 0, got {stats_weight!r}")
         self.encoder = encoder
-        self.head = NextTokenHead(encoder.cfg)
+        self.stats_weight = float(stats_weight)
+        self.head = NextTokenHead(encoder.cfg, stats=stats_weight > 0)
 
     def patchify(self, volumes: Tensor) -> Tensor:
         """(B, S, X, Y, Z) -> (B, N, p^3*C) voxels of every patch token, in sequence order."""
@@ -67,9 +74,10 @@ class AutoregressiveObjective(nn.Module):
     def forward_loss(self, pred: Tensor, target: Tensor, prefix_len: Tensor) -> Tensor:
         """MSE over the tokens after each sample's prefix.
 
-        pred, target: (B, N, p^3*C); prefix_len: (B,). Per token, the squared error is averaged over
-        its voxels; the loss is the mean of that over all counted tokens in the batch (tokens
-        P_b+1..N of every sample b, 1-based), so a sample counts in proportion to its N - P_b tokens.
+        pred, target: (B, N, D) with D = p^3*C (voxels) or 2 (stats); prefix_len: (B,). Per token, the
+        squared error is averaged over its D values; the loss is the mean of that over all counted
+        tokens in the batch (tokens P_b+1..N of every sample b, 1-based), so a sample counts in
+        proportion to its N - P_b tokens.
         """
         per_token = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, N)
         index = torch.arange(pred.shape[1], device=pred.device)  # 0-based index t is patch token t+1
@@ -81,7 +89,8 @@ class AutoregressiveObjective(nn.Module):
 
         Returns {"loss": scalar, "pred": (B, N, p^3*C), "target": (B, N, p^3*C) normalised, "prefix_len": (B,)}.
         """
-        target = normalize_patches(self.patchify(volumes))  # (B, N, p^3*C)
+        patches = self.patchify(volumes)  # (B, N, p^3*C)
+        target = normalize_patches(patches)
         B, N = target.shape[:2]
         if prefix_len is None:
             prefix_len = sample_prefix_len(B, N)
@@ -93,9 +102,14 @@ class AutoregressiveObjective(nn.Module):
         elif prefix_len.min() < 0 or prefix_len.max() >= N:
             raise Ar3dInputError(f"prefix_len must be in [0, {N}) for {N} patch tokens, got {prefix_len.tolist()}")
         prefix_len = prefix_len.to(device=target.device, dtype=torch.long)
-        pred = self.forward_head(self.forward_encoder(volumes, prefix_len))
+        tokens = self.forward_encoder(volumes, prefix_len)
+        pred = self.forward_head(tokens)
         loss = self.forward_loss(pred, target, prefix_len)
-        return {"loss": loss, "pred": pred, "target": target, "prefix_len": prefix_len}
+        out = {"loss": loss, "pred": pred, "target": target, "prefix_len": prefix_len}
+        if self.stats_weight:
+            stats_loss = self.forward_loss(self.head.forward_stats(tokens[:, :-1]), patch_stats(patches), prefix_len)
+            out.update(loss=loss + self.stats_weight * stats_loss, loss_pattern=loss, loss_stats=stats_loss)
+        return out
 
 
 class MaskedAutoencoderObjective(nn.Module):
@@ -185,13 +199,3 @@ class MaskedAutoencoderObjective(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(volumes)
         pred = self.forward_decoder(latent, ids_restore, volumes)
         return {"loss": self.forward_loss(pred, target, mask), "pred": pred, "target": target, "mask": mask}
-
-
-OBJECTIVES = {"ar": AutoregressiveObjective, "mae": MaskedAutoencoderObjective}
-
-
-def build_objective(name: Literal["ar", "mae"], encoder: ViT3D, **options) -> nn.Module:
-    """The pretraining objective `name` on `encoder`; `options` go to its constructor (e.g. mask_ratio)."""
-    if name not in OBJECTIVES:
-        raise Ar3dInputError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](encoder, **options)

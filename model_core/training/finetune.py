@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model_core.checkpoint.config import CheckpointConfig, HeadsConfig, Provenance, SegmentationHeadConfig
-from model_core.checkpoint.provenance import describe_array, describe_file
+from model_core.checkpoint.provenance import describe_file, file_name
 from model_core.checkpoint.store import (
     build_encoder,
     has_checkpoint,
@@ -63,6 +63,7 @@ from model_core.data.finetuning import (
     CachedFeatureDataset,
     ClassMap,
     CropDataset,
+    ImageLike,
     PreparedScan,
     TrainPair,
     cache_features,
@@ -130,6 +131,10 @@ class FinetuneConfig:
     intensity_jitter: float = 0.02  # scale by 1 +- this and shift by +- this (intensities in [0, 1]; 0.02 = 40 HU in CT)
     zoom: float = 0.15  # random scaling of each crop by 1 +- this along each axis (0: off)
     rotate: float = 0.1  # random rotation of each crop by up to this many radians about each axis (0: off)
+    contrast_curve: float = 0.0  # probability of a random smooth intensity curve (CT contrast phases; 0: off)
+    gamma: float = 0.0  # gamma drawn from [1 / (1 + this), 1 + this] for half the crops (0: off)
+    bias_field: float = 0.0  # MRI bias field: polynomial coefficients up to this, for half the crops (0: off)
+    thick_slices: int = 1  # half the crops get slices up to this many voxels thick along S (1: off)
     ct_window: tuple[float, float] | None = None  # HU window of a new (scratch) encoder's CT input; None: soft tissue
     spacing: tuple[float, float, float] | None = None  # model voxel spacing; default the encoder's (else 1.5 mm)
     scratch_config: str | ViT3DConfig = "tiny"  # encoder size when starting from scratch
@@ -159,6 +164,13 @@ class FinetuneConfig:
         for name in ("pos_fraction", "flip_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise Ar3dInputError(f"FinetuneConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.contrast_curve <= 1:
+            raise Ar3dInputError(f"FinetuneConfig.contrast_curve must be in [0, 1], got {self.contrast_curve!r}")
+        for name in ("gamma", "bias_field"):
+            if not 0 <= getattr(self, name) <= 4:
+                raise Ar3dInputError(f"FinetuneConfig.{name} must be in [0, 4], got {getattr(self, name)!r}")
+        if not isinstance(self.thick_slices, int) or not 1 <= self.thick_slices <= 16:
+            raise Ar3dInputError(f"FinetuneConfig.thick_slices must be an integer in 1..16, got {self.thick_slices!r}")
         for name in ("zoom", "rotate"):
             if not 0 <= getattr(self, name) < 1:
                 raise Ar3dInputError(f"FinetuneConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -255,8 +267,8 @@ def read_pairs(pairs: Sequence[TrainPair], progress: ProgressFn = None, should_s
         check_image(image.array, image_name)
         labels = check_pair(image, seg, image_name, seg_name)
         volumes.append((image, labels, image_name, seg_name))
-        records.append({"image": describe_item(image_item, image, image_name),
-                        "segmentation": describe_item(seg_item, seg, seg_name)})
+        records.append({"image": describe_item(image_item, image_name),
+                        "segmentation": describe_item(seg_item, seg_name)})
         if not isinstance(seg_item, Volume):
             names = {**read_label_names(seg_item), **names}
         _fingerprint(contents, image.array)
@@ -265,9 +277,10 @@ def read_pairs(pairs: Sequence[TrainPair], progress: ProgressFn = None, should_s
     return TrainingScans(volumes, contents.hexdigest(), names, records)
 
 
-def describe_item(item: TrainPair, volume: Volume, name: str) -> dict[str, str]:
-    """A training file by its name and sha256; a volume given in memory by its name and the sha256 of its voxels."""
-    return describe_array(name, volume.array) if isinstance(item, Volume) else describe_file(item)
+def describe_item(item: ImageLike, name: str) -> dict[str, str]:
+    """A training file by its name and sha256; a volume given in memory (a napari layer) by its name only
+    (`TrainingScans.fingerprint` covers its voxels)."""
+    return {"name": file_name(name)} if isinstance(item, Volume) else describe_file(item)
 
 
 def _fingerprint(digest, array: np.ndarray) -> None:

@@ -5,10 +5,12 @@ gradient clipping and bf16 autocast where supported, and writes into `out_dir`:
 
 - a checkpoint (`model_core.checkpoint.store`: config.json, model.safetensors, train_state/) every
   `ckpt_every` steps, at the end and on cancel;
-- `loss_log.csv`: step, loss, lr, tokens_per_s, time_s every `log_every` steps.
+- `loss_log.csv`: step, loss, lr, tokens_per_s, time_s every `log_every` steps, then one column
+  per other scalar the objective returns whose name contains "loss" (its terms, e.g. loss_cls).
 
 `objective` is an `nn.Module` mapping a batch to a dict with a scalar "loss" (see
 `model_core.objectives.autoregressive`); its whole state dict (encoder and head) is what the checkpoint holds.
+An objective with an `after_step()` method (Alice's EMA teacher) has it called after every optimizer step.
 Dataset items are tensors (the objective gets the batch) or dicts with a "volumes" tensor (the
 objective gets the dict's tensor entries as keyword arguments; other entries are dropped).
 
@@ -25,6 +27,7 @@ resume needs the same number of processes.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -255,20 +258,28 @@ def _gather_rng(d: _Dist, device: torch.device) -> list[dict]:
     return out
 
 
-def _append_log(path: Path, rows: list[tuple]) -> None:
-    """Append rows to the loss log; a failed write (a full disk) leaves the file as it was and says why."""
+def _append_log(path: Path, rows: list[tuple], columns: tuple[str, ...] = LOSS_LOG_COLUMNS) -> None:
+    """Append rows to the loss log, headed by `columns` while it has no row yet; a failed write (a full
+    disk) leaves the file as it was and says why."""
     new = not path.exists()
+    rewrite = not new and not _has_rows(path)  # a header alone: rewrite it, it may name fewer loss terms
     size = 0 if new else path.stat().st_size
     try:
-        with open(path, "a", newline="") as f:
+        with open(path, "w" if rewrite else "a", newline="") as f:
             writer = csv.writer(f)
-            if new:
-                writer.writerow(LOSS_LOG_COLUMNS)
+            if new or rewrite:
+                writer.writerow(columns)
             writer.writerows(rows)
     except OSError as exc:
         with suppress(OSError):
-            path.unlink() if new else os.truncate(path, size)
+            path.unlink() if new or rewrite else os.truncate(path, size)
         raise write_error("could not write the loss log", exc, path) from exc
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether the loss log holds a row below its header (reads two lines at most)."""
+    with open(path, newline="") as f:
+        return sum(1 for _ in itertools.islice(f, 2)) > 1
 
 
 def _truncate_log(path: Path, after_step: int) -> None:
@@ -277,9 +288,9 @@ def _truncate_log(path: Path, after_step: int) -> None:
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = [list(LOSS_LOG_COLUMNS)] + [
-        r for r in rows if len(r) == len(LOSS_LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= after_step
-    ]
+    whole = bool(rows) and tuple(rows[0][: len(LOSS_LOG_COLUMNS)]) == LOSS_LOG_COLUMNS  # a header a kill left whole
+    header = rows[0] if whole else list(LOSS_LOG_COLUMNS)
+    kept = [header] + [r for r in rows if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= after_step]
     if kept != rows:
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", newline="") as f:
@@ -474,11 +485,14 @@ def _steps(run: _Run, net: nn.Module, loader: DataLoader, at: _Position, clock: 
     return False
 
 
-def _step(run: _Run, net: nn.Module, batch: torch.Tensor | dict, amp: torch.dtype | None) -> tuple[float, float] | None:
-    """One optimization step: autocast forward, backward, clip, AdamW, schedule.
+def _step(
+    run: _Run, net: nn.Module, batch: torch.Tensor | dict, amp: torch.dtype | None
+) -> tuple[float, float, dict[str, float]] | None:
+    """One optimization step: autocast forward, backward, clip, AdamW, schedule, the objective's `after_step`.
 
-    Returns (loss, the lr it stepped with), or None when cancelled inside the step (`Cancelled`
-    from the hooks of `_stop_inside_steps`): the weights are then those of the last complete step.
+    Returns (loss, the lr it stepped with, the other loss terms by name), or None when cancelled
+    inside the step (`Cancelled` from the hooks of `_stop_inside_steps`): the weights are then those
+    of the last complete step.
     """
     try:
         with torch.autocast(run.device.type, dtype=amp) if amp is not None else nullcontext():
@@ -494,10 +508,17 @@ def _step(run: _Run, net: nn.Module, batch: torch.Tensor | dict, amp: torch.dtyp
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
-    return loss.item(), lr
+    after_step = getattr(run.model, "after_step", None)
+    if callable(after_step):
+        after_step()
+    terms = {k: v.item() for k, v in result.items()
+             if "loss" in k and k != "loss" and torch.is_tensor(v) and v.ndim == 0}
+    return loss.item(), lr, terms
 
 
-def _after_step(run: _Run, at: _Position, clock: _Clock, loss: float, lr: float, tokens: int) -> None:
+def _after_step(
+    run: _Run, at: _Position, clock: _Clock, loss: float, lr: float, terms: dict[str, float], tokens: int
+) -> None:
     """After step `at.step`: stop on divergence, record the loss, report, log and checkpoint when due."""
     cfg = run.cfg
     if not math.isfinite(loss):
@@ -513,7 +534,8 @@ def _after_step(run: _Run, at: _Position, clock: _Clock, loss: float, lr: float,
     if at.step % cfg.log_every == 0 or at.step == cfg.steps:
         if run.ranks.main:
             row = (at.step, f"{loss:.6g}", f"{lr:.6g}", f"{tokens_per_s:.1f}", f"{wall:.2f}")
-            _append_log(run.out / LOSS_LOG, [row])
+            row += tuple(f"{v:.6g}" for v in terms.values())
+            _append_log(run.out / LOSS_LOG, [row], LOSS_LOG_COLUMNS + tuple(terms))
         clock.tick, clock.tokens = now, 0
     if at.step % cfg.ckpt_every == 0 or at.step == cfg.steps:
         at.checkpoint = _save(run, at.step, loss, wall)

@@ -17,10 +17,10 @@ import torch
 
 from model_core.checkpoint.store import has_checkpoint, make_config, read_config
 from model_core.data.preprocess import PreprocessConfig
-from model_core.data.pretraining import SequenceConfig, make_pretrain_dataset
+from model_core.data.pretraining import SequenceConfig
 from model_core.errors import Ar3dInputError
 from model_core.models.vit import ViT3D, ViT3DConfig
-from model_core.objectives.autoregressive import build_objective
+from model_core.objectives.registry import build_objective, make_objective_dataset, objective_entry
 from model_core.progress import ProgressFn, StopFn
 from model_core.training.loop import TrainConfig, TrainResult, train
 from model_core.training.resume import check_pretrain_resume
@@ -32,8 +32,8 @@ class PretrainSettings:
     """What a pretraining run is: fixed by its first checkpoint."""
 
     encoder: dict = field(default_factory=lambda: ViT3DConfig.preset("tiny").to_dict())  # a ViT3DConfig dict
-    objective: str = "ar"  # "ar" (next-token prediction) or "mae" (masked-autoencoder baseline)
-    options: dict = field(default_factory=dict)  # the objective's options (the MAE decoder's)
+    objective: str = "ar"  # "ar" (next-token prediction), "mae" (masked-autoencoder baseline) or "alice"
+    options: dict = field(default_factory=dict)  # the objective's options (the MAE decoder's, Alice's sizes)
     sequence: dict = field(default_factory=lambda: SequenceConfig(
         kinds=SEQUENCE_KINDS, crop=PRETRAIN_WINDOW[0], slab=PRETRAIN_WINDOW[2]).to_dict())
     preprocessing: dict = field(default_factory=lambda: PreprocessConfig().to_dict())
@@ -46,11 +46,16 @@ class PretrainSettings:
         return cls(
             encoder=config["encoder"],
             objective=config["objective"],
-            options=config.get("heads", {}).get("mae_decoder", {}),
+            options=_objective_options(config),
             sequence=config["provenance"].get("sequence") or fallback.sequence,
             preprocessing=config["preprocessing"],
             modality=config.get("modality", MODALITY_ANY),
         )
+
+
+def _objective_options(config: dict) -> dict:
+    """The objective's constructor options recorded in a checkpoint's heads."""
+    return objective_entry(config["objective"]).options(config.get("heads", {}))
 
 
 def resolve_settings(out: Path, fresh: PretrainSettings, given: dict[str, bool], resume: bool) -> PretrainSettings:
@@ -68,14 +73,7 @@ def resolve_settings(out: Path, fresh: PretrainSettings, given: dict[str, bool],
 
 def objective_heads(objective_name: str, objective: torch.nn.Module) -> dict:
     """What the checkpoint holds beside the encoder (and how to rebuild it)."""
-    if objective_name == "ar":
-        return {"next_token": {"type": "linear", "out_features": objective.head.proj.out_features}}
-    return {"mae_decoder": {
-        "mask_ratio": objective.mask_ratio,
-        "decoder_width": objective.decoder_embed.out_features,
-        "decoder_depth": len(objective.decoder_blocks),
-        "decoder_heads": objective.decoder_blocks[0].attn.heads,
-    }}
+    return objective_entry(objective_name).heads(objective)
 
 
 def data_licenses(data: Sequence[str | os.PathLike]) -> list[str]:
@@ -122,12 +120,14 @@ def pretrain(
     data_progress: reports while the scans are preprocessed; progress / should_stop: of training.
     resume: continue the run whose checkpoint is in `out` (see `resolve_settings`).
     """
-    dataset = make_pretrain_dataset(
-        data, SequenceConfig.from_dict(settings.sequence), PreprocessConfig.from_dict(settings.preprocessing),
+    dataset = make_objective_dataset(
+        settings.objective, data, SequenceConfig.from_dict(settings.sequence),
+        PreprocessConfig.from_dict(settings.preprocessing),
         seed=train_cfg.seed, cache_dir=cache_dir, n_phantoms=n_phantoms, progress=data_progress,
     )
     torch.manual_seed(train_cfg.seed)
-    objective = build_objective(settings.objective, ViT3D(ViT3DConfig.from_dict(settings.encoder)), **settings.options)
+    encoder = ViT3D(ViT3DConfig.from_dict(settings.encoder))
+    objective = build_objective(settings.objective, encoder, steps=train_cfg.steps, **settings.options)
     config = make_config(
         settings.encoder,
         objective=settings.objective,

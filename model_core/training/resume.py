@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from model_core.checkpoint.config import CheckpointConfig
 from model_core.checkpoint.store import CONFIG_FILE, has_checkpoint, load_config
@@ -43,11 +44,20 @@ def finetune_settings(config: CheckpointConfig) -> dict:
         "preprocessing": config.preprocessing.to_dict(),
         "classes": config.classes,
         "starting model": prov.encoder,
-        "training data": prov.data,
+        "training data": _names(prov.data),  # its contents: the fingerprint of every voxel
         "training data contents": prov.data_fingerprint,
         **{k: v for k, v in (prov.finetune or {}).items() if k not in FINETUNE_RESUME_FREE},
     }
     return json.loads(json.dumps(settings))  # tuples as lists, as read back from config.json
+
+
+def _names(value: Any) -> Any:
+    """A provenance data entry (or a list of them) without its sha256: file records by their names."""
+    if isinstance(value, list):
+        return [_names(v) for v in value]
+    if isinstance(value, dict):
+        return value.get("name") if "name" in value else {k: _names(v) for k, v in value.items()}
+    return value
 
 
 def check_finetune_resume(work: Path, config: CheckpointConfig) -> None:
