@@ -13,11 +13,13 @@ The layer shows the volume in ITK order `(k, j, i)` and its `affine` holds the w
 transform (see `model_core.io.volume.napari_affine`); `metadata["ar3d"]` keeps the source geometry
 (and, for a DICOM series, its uid and files in slice order: the napari writer's DICOM-SEG references them).
 No torch here: `model_core.io.volume` is imported inside the functions and imports only nibabel / SimpleITK.
+Opening a file in a viewer installs the crash recovery of painted labels there (`widgets.recovery`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,7 +83,21 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
         kwargs["contrast_limits"] = contrast_limits(volume.array, volume.meta.get("modality"))
         kwargs["colormap"] = "gray"
         layers.append((data, kwargs, "image"))
+    _watch_for_recovery()
     return layers
+
+
+def _watch_for_recovery() -> None:
+    """In the viewer opening these files: offer labels saved before a crash, save painted ones (`widgets.recovery`)."""
+    if "napari.viewer" not in sys.modules:
+        return  # not called by napari (a script, a test): no viewer to watch
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    if viewer is not None:
+        from napari_ar3d.widgets.recovery import install
+
+        install(viewer)
 
 
 def contrast_limits(array: np.ndarray, modality: str | None = None) -> tuple[float, float]:

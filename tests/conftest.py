@@ -61,6 +61,12 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _recovery_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Labels painted in test viewers are saved for crash recovery: in a temporary folder, not the user's cache."""
+    os.environ["AR3D_RECOVERY_DIR"] = str(tmp_path_factory.mktemp("recovery"))
+
+
 @pytest.fixture(autouse=True)
 def _keep_the_locale():
     """GDCM's DICOM writer sets LC_CTYPE to "C"; later tests would decode subprocess output as ASCII."""

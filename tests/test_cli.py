@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -94,6 +95,21 @@ def test_resume_continues(trained, tmp_path, cache):
     assert not torch.equal(ckpt.state_dict["head.proj.weight"], before["head.proj.weight"])
     with open(out / "loss_log.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
+
+
+def test_init_starts_a_new_run_from_a_checkpoints_encoder(trained, tmp_path, cache, capsys):
+    out = tmp_path / "continued"
+    assert main(["pretrain", *DATA, "--init", str(trained), "--out", str(out), "--steps", "1", "--lr", "1e-12",
+                 "--cache-dir", str(cache), "--workers", "0"]) == 0
+    start, now = load_checkpoint(trained), load_checkpoint(out)
+    assert now.config["encoder"] == start.config["encoder"]  # the size comes from --init
+    for name, tensor in start.state_dict.items():
+        if name.startswith("encoder.") or name.startswith("head.proj."):
+            assert torch.allclose(now.state_dict[name], tensor, atol=1e-6), name  # a step of lr 1e-12 moves nothing
+    assert now.config["provenance"]["init"]["name"] == trained.name
+    assert str(tmp_path) not in json.dumps(now.config)  # provenance holds names, not paths
+    assert main(["pretrain", *DATA, "--init", str(trained), *TINY, "--out", str(tmp_path / "x")]) == 2
+    assert "--init keeps the size" in capsys.readouterr().err
 
 
 def test_mae_objective_resumes_with_its_decoder(tmp_path, cache, capsys):

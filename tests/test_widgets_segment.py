@@ -53,7 +53,8 @@ def test_segment_adds_aligned_layers_with_class_names(widget, add_ct, wait_idle,
     labels = viewer.layers["ct segmentation"]
     assert type(labels).__name__ == "Labels"
     assert_aligned(labels, image)
-    assert labels.metadata == image.metadata
+    assert {k: v for k, v in labels.metadata.items() if k != "algorithm"} == image.metadata
+    assert labels.metadata["algorithm"]["name"] == "tiny-seg"  # what a DICOM-SEG of the labels names
     assert list(labels.features["class"]) == ["background", "liver", "spleen"]
     assert np.array_equal(np.asarray(labels.data), expected_labels().transpose(2, 1, 0))
     assert np.allclose(labels.colormap.map(1)[:3], (0.69, 0.31, 0.22))  # the liver's colour

@@ -1,1 +1,2 @@
-"""Checkpoints: the typed config.json (`config`), the folder on disk (`store`) and its description (`card`)."""
+"""Checkpoints: the typed config.json (`config`), files named by name and sha256 in its provenance
+(`provenance`), the folder on disk (`store`) and its description (`card`)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ def add_device(p: argparse.ArgumentParser, amp: bool = False) -> None:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The command as the user typed it, for a checkpoint's provenance."""
-    return "ar3d " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    """The command as the user typed it, for a checkpoint's provenance: every path reduced to its file name."""
+    from model_core.checkpoint.provenance import command_text
+
+    return command_text(sys.argv[1:] if args.argv is None else args.argv)
 
 
 class TqdmProgress:

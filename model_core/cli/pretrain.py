@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image files, folders, JSON manifests, or 'phantoms' / 'phantom:ct' / 'phantom:mri'")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint folder to write")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    p.add_argument("--init", metavar="NAME_OR_DIR",
+                   help="start a new run from this checkpoint's encoder (e.g. ar3d-encoder: continue pretraining it "
+                        "on more data); its size and spacing are kept, the optimizer starts afresh")
     model = p.add_argument_group("model (fixed by the checkpoint on --resume)")
     model.add_argument("--config", metavar="SIZE_OR_JSON",
                        help=f"encoder size ({', '.join(ENCODER_SIZES)}) or a JSON file; default tiny (the shipped size)")
@@ -59,7 +62,7 @@ def _settings(args: argparse.Namespace):
     from model_core.data.pretraining import SequenceConfig
     from model_core.models.vit import ViT3DConfig
     from model_core.objectives.registry import objective_entry
-    from model_core.training.pretrain import PretrainSettings, resolve_settings
+    from model_core.training.pretrain import PretrainSettings, init_settings, resolve_settings
 
     window = objective_entry(args.objective or "ar").window
     fresh = PretrainSettings(
@@ -74,6 +77,10 @@ def _settings(args: argparse.Namespace):
     given = {"encoder": bool(args.config or args.overrides), "objective": bool(args.objective),
              "sequence": bool(args.sequence or args.crop or args.slab), "preprocessing": bool(args.spacing),
              "modality": bool(args.modality)}
+    if args.init:
+        if args.config or args.overrides:
+            raise Ar3dInputError("--config and --set choose a new encoder; --init keeps the size of the one it starts from")
+        fresh = init_settings(args.init, fresh)
     return resolve_settings(args.out, fresh, given, args.resume)
 
 
@@ -101,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     bar = TqdmProgress("pretraining", enabled=main_rank, unit="step")
     try:
         with StopOnSignal() as stop:
-            result = pretrain(args.data, args.out, settings, cfg, resume=args.resume, n_phantoms=args.phantoms,
+            result = pretrain(args.data, args.out, settings, cfg, resume=args.resume, init=args.init,
+                              n_phantoms=args.phantoms,
                               cache_dir=args.cache_dir, provenance={"command": command_line(args)},
                               data_progress=data_bar, progress=bar, should_stop=stop)
     finally:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from model_core.checkpoint.store import has_checkpoint, make_config, read_config
+from model_core.checkpoint.provenance import describe_source
+from model_core.checkpoint.store import (
+    has_checkpoint,
+    load_checkpoint,
+    load_into,
+    make_config,
+    model_record,
+    read_config,
+    resolve_model,
+)
 from model_core.data.preprocess import PreprocessConfig
 from model_core.data.pretraining import SequenceConfig
 from model_core.errors import Ar3dInputError
@@ -76,6 +85,28 @@ def objective_heads(objective_name: str, objective: torch.nn.Module) -> dict:
     return objective_entry(objective_name).heads(objective)
 
 
+def init_settings(init: str | os.PathLike, fresh: PretrainSettings) -> PretrainSettings:
+    """`fresh` with the encoder (and, unless given, the spacing) of the checkpoint a run starts from."""
+    config = read_config(resolve_model(init))
+    spacing = PreprocessConfig.from_dict(fresh.preprocessing).spacing
+    preprocessing = config["preprocessing"] if spacing == PreprocessConfig().spacing else fresh.preprocessing
+    return replace(fresh, encoder=config["encoder"], preprocessing=preprocessing)
+
+
+def load_init(objective: torch.nn.Module, init: str | os.PathLike) -> str | dict[str, str]:
+    """Copy the encoder (and a next-token head's voxel map) of checkpoint `init` into `objective`.
+
+    Returns how provenance names it. The optimizer, schedule and any other head start afresh.
+    """
+    path = resolve_model(init)
+    checkpoint = load_checkpoint(path)
+    load_into(objective.encoder, checkpoint, prefix="encoder.")
+    head = getattr(objective, "head", None)
+    if head is not None and hasattr(head, "proj") and "head.proj.weight" in checkpoint.state_dict:
+        load_into(head.proj, checkpoint, prefix="head.proj.")
+    return model_record(init, path)
+
+
 def data_licenses(data: Sequence[str | os.PathLike]) -> list[str]:
     """Licences of the data, as far as the manifests say: one entry per distinct licence."""
     found: list[str] = []
@@ -106,6 +137,7 @@ def pretrain(
     train_cfg: TrainConfig,
     *,
     resume: bool = False,
+    init: str | os.PathLike | None = None,
     n_phantoms: int = 8,
     cache_dir: str | os.PathLike | None = None,
     provenance: dict | None = None,
@@ -119,6 +151,8 @@ def pretrain(
     provenance: extra entries for config.json's provenance (e.g. the command line).
     data_progress: reports while the scans are preprocessed; progress / should_stop: of training.
     resume: continue the run whose checkpoint is in `out` (see `resolve_settings`).
+    init: a checkpoint (folder or shipped name) whose encoder a new run starts from (`init_settings` gives
+        the matching settings); ignored when resuming, whose weights come from `out`.
     """
     dataset = make_objective_dataset(
         settings.objective, data, SequenceConfig.from_dict(settings.sequence),
@@ -128,6 +162,7 @@ def pretrain(
     torch.manual_seed(train_cfg.seed)
     encoder = ViT3D(ViT3DConfig.from_dict(settings.encoder))
     objective = build_objective(settings.objective, encoder, steps=train_cfg.steps, **settings.options)
+    started_from = load_init(objective, init) if init is not None and not (resume and has_checkpoint(out)) else None
     config = make_config(
         settings.encoder,
         objective=settings.objective,
@@ -135,9 +170,10 @@ def pretrain(
         preprocessing=settings.preprocessing,
         modality=settings.modality,
         provenance={
-            "data": [Path(str(d)).name if Path(str(d)).exists() else str(d) for d in data],
+            "data": [describe_source(d) for d in data],
             "licenses": data_licenses(data),
             "sequence": settings.sequence,
+            **({"init": started_from} if started_from else {}),
             **(provenance or {}),
         },
     )
