@@ -24,6 +24,8 @@ WINDOW_PATCHES = 6  # a segmentation window's edge in patches (96 voxels for 16^
 # Pretraining.
 ENCODER_SIZES = ("tiny", "small", "base")  # ViT3DConfig.preset names
 SEQUENCE_KINDS = ("spatial", "contrast", "semantic")  # the three kinds of pretraining sequence
+MAX_STUDY_SCANS = 40  # scans one study may hold (HLIP's fixed scan-index table)
+HLIP_SCANS = 4  # scans per HLIP training sample (a study with fewer repeats some)
 CONTRASTS = ("t1n", "t1c", "t2w", "t2f")  # the four co-registered MRI contrasts of a contrast sequence
 CONTRAST_ALIASES = {  # other names of those contrasts in file names (BraTS 2021+ names are the canonical ones)
     "t1": "t1n", "t1pre": "t1n", "t1native": "t1n",

@@ -63,6 +63,9 @@ def test_ema_moves_the_teacher_by_the_momentum_of_the_step():
     assert obj.momentum_at(5) == pytest.approx(0.998)
     assert obj.momentum_at(10) == pytest.approx(1.0) and obj.momentum_at(50) == pytest.approx(1.0)
     assert obj.teacher_temp_at(0) == pytest.approx(0.04) and obj.teacher_temp_at(3) == pytest.approx(0.07)
+    obj.reset_teacher()  # after --init loaded the student's encoder
+    for name, t in obj.teacher["encoder"].named_parameters():
+        torch.testing.assert_close(t, student[name], rtol=0, atol=0)
 
 
 def test_centres_move_towards_the_teacher_mean_and_only_in_training():
@@ -141,15 +144,18 @@ class FixedPairs(torch.utils.data.Dataset):
 
 
 def test_a_short_run_lowers_the_loss_and_logs_every_term(tmp_path):
+    """The loss falls over the first steps and the reconstruction keeps falling. (On 4 noise pairs the cls
+    and patch terms then climb back to log(out_dim): centring flattens a teacher that sees no structure.)"""
     obj = build_objective("alice", ViT3D(ViT3DConfig(patch_size=8, width=24, depth=2, heads=2)), steps=30, **SMALL)
     assert obj.schedule_steps == 30
     config = make_config(obj.encoder.cfg.to_dict(), objective="alice", heads={"alice": obj.options.to_dict()})
     result = train(obj, FixedPairs(), TrainConfig(steps=30, lr=2e-3, warmup_steps=2, log_every=1, seed=0),
                    tmp_path / "run", checkpoint_config=config)
     losses = [loss for _, loss in result.history]
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert min(losses[:10]) < 0.8 * losses[0], losses
     with open(tmp_path / "run" / LOSS_LOG, newline="") as f:
         rows = list(csv.DictReader(f))
+    assert float(rows[-1]["loss_rec"]) < 0.5 * float(rows[0]["loss_rec"])
     assert list(rows[0])[:5] == ["step", "loss", "lr", "tokens_per_s", "time_s"]
     assert {"loss_cls", "loss_patch", "loss_rec"} <= set(rows[0]) and len(rows) == 30
     assert int(obj.step) == 30  # after_step ran once per optimizer step
@@ -297,6 +303,10 @@ def test_cli_pretrains_resumes_and_the_encoder_serves_downstream(two_patients, t
     assert main(["explain", str(two_patients.parent / "p1.nii.gz"), "--model", str(out), "--out", str(maps),
                  "--maps", "pca"]) == 0
     assert (maps / "pca.nii.gz").is_file()
+    folder = two_patients.parent
+    assert main(["finetune", "--model", str(out), "--train", str(folder / "p1.nii.gz"), str(folder / "p1_seg.nii.gz"),
+                 "--out", str(tmp_path / "seg"), "--steps", "2", "--crops", "1", "--window", "32", "--device", "cpu"]) == 0
+    assert read_config(tmp_path / "seg")["objective"] == "segmentation"
 
 
 def test_cli_refuses_one_patient(tmp_path, capsys):

@@ -60,8 +60,9 @@ def test_every_subcommand_is_a_thin_module_over_the_core():
     assert names <= modules, f"subcommands without a module of their own: {sorted(names - modules)}"
     for name in names:
         tree = ast.parse((CORE / "cli" / f"{name}.py").read_text())
-        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-        assert all(_body_lines(f) <= 45 for f in functions), f"cli/{name}.py holds logic: move it into the core"
+        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and "arguments" not in n.name]
+        long = [f.name for f in functions if _body_lines(f) > 40]  # option declarations are not logic
+        assert not long, f"cli/{name}.py: {long} hold logic; move it into the core"
 
 
 def test_importing_the_plugin_and_the_vocabulary_imports_no_torch():

@@ -53,7 +53,7 @@ def source_headers(folder: Path) -> list:
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in read_volume(folder).meta["source_files"]]
 
 
-def assert_matches_nifti(dcm: Path, nifti: Path, folder: Path) -> "hd.seg.Segmentation":
+def assert_matches_nifti(dcm: Path, nifti: Path, folder: Path) -> hd.seg.Segmentation:
     """Every source instance's frame of the DICOM-SEG equals the NIfTI labels in that instance's plane."""
     seg = hd.seg.segread(dcm)
     labels = read_volume(nifti)
@@ -84,6 +84,10 @@ def test_silver_labels_round_trip_through_dicom_seg(case, shared_data, series, t
     assert {d.SegmentAlgorithmType for d in seg.SegmentSequence} == {"MANUAL"}  # no algorithm given
     liver = seg.SegmentSequence[classes.index("liver")].SegmentedPropertyTypeCodeSequence[0]
     assert (liver.CodingSchemeDesignator, liver.CodeValue) == ("SCT", "10200004")  # SNOMED CT: liver
+    if "adrenal_gland_right" in classes:  # SNOMED CT: adrenal gland, modified by right
+        gland = seg.SegmentSequence[classes.index("adrenal_gland_right")]
+        assert gland.SegmentedPropertyTypeCodeSequence[0].CodeValue == "23451007"
+        assert gland.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -164,9 +164,12 @@ def test_checkpoint_loads_encoder_head_window_and_spacing(checkpoint):
     torch.testing.assert_close(model.encoder.start_token, saved.encoder.start_token, rtol=0, atol=0)
 
 
-def test_checkpoint_without_next_token_head_is_refused(headless_checkpoint):
-    with pytest.raises(CheckpointError, match="has no next-token head; explain needs an AR-pretrained encoder"):
-        load_explain_model(headless_checkpoint, device="cpu")
+def test_checkpoint_without_next_token_head_gives_attention_and_pca_only(headless_checkpoint, inputs, tmp_path):
+    assert load_explain_model(headless_checkpoint, device="cpu").head is None
+    with pytest.raises(CheckpointError, match="no next-token head; the prediction and surprise maps need"):
+        explain(headless_checkpoint, inputs["ras"], tmp_path / "out", maps=["pca", "surprise"])
+    written = explain(headless_checkpoint, inputs["ras"], tmp_path / "out", maps=["pca"])
+    assert list(written) == ["pca"]
 
 
 # ----------------------------------------------------------------------------- attention

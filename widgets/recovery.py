@@ -3,8 +3,8 @@
 `install(viewer)` (the reader calls it for the viewer it opens a file in; once per viewer) watches
 the viewer's layers (storage: `model_core.io.recovery`):
 - an image opened by our reader (`metadata["ar3d"]["path"]`) gets its recovery key (a sha256 of its
-  source file and voxels, computed in a worker); when labels were saved for it, a notification
-  offers to Restore them into labels layers on the image's geometry, or to Discard them;
+  source file and voxels, computed in a worker); when labels were saved for it, a small window
+  offers to Restore them into labels layers on the image's geometry, to Discard them, or Later;
 - a labels layer on such an image's grid (scribbles, corrections of a segmentation) is saved a
   moment after each stroke (paint, fill, erase, undo / redo, new data), at most every
   `AUTOSAVE_S` seconds, by a background thread, so painting never waits for the disk.
@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.utils.notifications import Notification, NotificationSeverity, notification_manager, show_warning
+from napari.utils.notifications import show_warning
 from napari_ar3d.widgets._layers import aligned_kwargs, label_names, real_viewer, same_grid
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QMessageBox
 
 from model_core.io.recovery import RecoveredLabels, discard, find_labels, image_key, save_labels
 
@@ -55,7 +56,7 @@ class RecoveryHook:
         self._viewer = weakref.ref(viewer)  # the viewer holds its hook (`_HOOKS`), not the other way round
         self.keys: dict[int, str] = {}  # id(image layer) -> recovery key
         self.savers: dict[int, LabelsSaver] = {}  # id(labels layer) -> its saver
-        self.offers: list[Notification] = []  # what was offered, newest last
+        self.offers: list[QMessageBox] = []  # what was offered, newest last
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ar3d-recovery")
         self._workers: list[Any] = []  # key computations running (kept alive until they return)
         viewer.layers.events.inserted.connect(lambda event: self._add(event.value))
@@ -107,19 +108,24 @@ class RecoveryHook:
         candidates.sort(key=lambda layer: image_source(layer) != source)
         return (candidates[0], self.keys[id(candidates[0])]) if candidates else None
 
-    def offer(self, image: Any, entries: list[RecoveredLabels]) -> Notification:
-        """Tell the user labels were saved for `image`, with Restore and Discard buttons."""
-        when = datetime.fromtimestamp(entries[0].saved).strftime("%Y-%m-%d %H:%M:%S")
+    def offer(self, image: Any, entries: list[RecoveredLabels]) -> QMessageBox:
+        """Ask, in a small window that stays until answered, whether to Restore, Discard or (Later) keep them."""
+        when = datetime.fromtimestamp(entries[0].saved).strftime("%Y-%m-%d %H:%M")
         names = ", ".join(repr(e.name) for e in entries)
-        notification = Notification(
-            f"Labels painted on {image.name!r} were saved before napari closed ({names}, last saved {when}). "
-            "Restore them?",
-            severity=NotificationSeverity.INFO,
-            actions=[("Restore", lambda *_: self.restore(image, entries)), ("Discard", lambda *_: self.discard(entries))],
-        )
-        self.offers.append(notification)
-        notification_manager.dispatch(notification)
-        return notification
+        text = (f"Labels painted on {image.name!r} were saved before napari closed: {names} (last saved {when}).\n"
+                "Restore them as labels layers on the image?")
+        parent = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        box = QMessageBox(QMessageBox.Icon.Question, "napari-ar3d: restore labels", text,
+                          QMessageBox.StandardButton.NoButton, parent)
+        box.addButton("Restore", QMessageBox.ButtonRole.AcceptRole).clicked.connect(
+            lambda: self.restore(image, entries))
+        box.addButton("Discard", QMessageBox.ButtonRole.DestructiveRole).clicked.connect(
+            lambda: self.discard(entries))
+        box.addButton("Later", QMessageBox.ButtonRole.RejectRole)  # they stay saved, offered at the next opening
+        box.setModal(False)
+        box.show()
+        self.offers.append(box)
+        return box
 
     def restore(self, image: Any, entries: list[RecoveredLabels]) -> list[Any]:
         """Add each saved labels layer on `image`'s geometry; later saves of a layer replace its entry."""

@@ -7,7 +7,7 @@ config.json, version 2:
     heads           what the weights hold beside the encoder: "next_token" (AR pretraining),
                     "mae_decoder" (MAE pretraining), "alice" (Alice's options; kept as JSON),
                     "segmentation" (a decoder and its window)
-    objective       what trained the weights: null, "ar", "mae", "alice" or "segmentation"
+    objective       what trained the weights: null, "ar", "mae", "alice", "hlip" or "segmentation"
     preprocessing   the model's input convention (`PreprocessConfig`: spacing, intensity)
     modality        what it was trained on: "CT", "MRI" or "any"
     classes         K class names; label value k is classes[k-1]
@@ -38,7 +38,7 @@ FORMAT = "napari-ar3d"
 VERSION = 2  # 2: the segmentation "window" (was "roi"), annotation "dense" (was "full"), no paths in provenance
 CONFIG_FILE = "config.json"
 ARCHITECTURES = ("vit3d",)
-OBJECTIVES = (None, "ar", "mae", "alice", "segmentation")  # what trained the weights: pretraining or fine-tuning
+OBJECTIVES = (None, "ar", "mae", "alice", "hlip", "segmentation")  # what trained the weights: pretraining or fine-tuning
 CHECKPOINT_MODALITIES = (*MODALITIES, MODALITY_ANY)
 
 Where = str | os.PathLike

@@ -1,4 +1,4 @@
-"""The `ar3d` command line: `ar3d demo | pretrain | info | explain | finetune | segment | evaluate`.
+"""The `ar3d` command line: `ar3d demo | pretrain | info | explain | finetune | segment | evaluate | findings`.
 
 Each subcommand is a module here with a `COMMAND`: a name, a one-line help, a function that adds its
 arguments and a function that runs it (a thin layer over a core function) and returns the exit
@@ -24,10 +24,11 @@ import sys
 import warnings
 from typing import Sequence
 
-from model_core.cli import demo, evaluate, explain, finetune, info, pretrain, segment
+from model_core.cli import demo, evaluate, explain, finetune, findings, info, pretrain, scribble, segment
 from model_core.errors import Ar3dError, Ar3dInputError
 
-COMMANDS = [module.COMMAND for module in (demo, pretrain, info, explain, finetune, segment, evaluate)]
+COMMANDS = [module.COMMAND
+            for module in (demo, pretrain, info, explain, finetune, segment, scribble, evaluate, findings)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`ar3d pretrain`: pretrain an encoder (autoregressive, MAE or Alice); torchrun-ready."""
+"""`ar3d pretrain`: pretrain an encoder (autoregressive, MAE, Alice or HLIP); torchrun-ready."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import os
 from pathlib import Path
 
 from model_core.cli._common import Command, StopOnSignal, TqdmProgress, add_device, command_line, overrides, spacing
+from model_core.cli._hlip import add_hlip_arguments, hlip_options
 from model_core.errors import Ar3dInputError
-from model_core.vocabulary import ENCODER_SIZES, MODALITIES, MODALITY_ANY, PRETRAIN_WINDOW, SEQUENCE_KINDS
+from model_core.vocabulary import (
+    ENCODER_SIZES,
+    HLIP_SCANS,
+    MAX_STUDY_SCANS,
+    MODALITIES,
+    MODALITY_ANY,
+    PRETRAIN_WINDOW,
+    SEQUENCE_KINDS,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, metavar="PATH_OR_MANIFEST",
-                   help="image files, folders, JSON manifests, or 'phantoms' / 'phantom:ct' / 'phantom:mri'")
+                   help="image files, folders, JSON manifests, or 'phantoms' / 'phantom:ct' / 'phantom:mri'; "
+                        "hlip: studies manifests (.json) or 'phantom-studies' / 'phantom-studies:ct' / ':mri'")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="checkpoint folder to write")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     p.add_argument("--init", metavar="NAME_OR_DIR",
@@ -24,11 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"encoder size ({', '.join(ENCODER_SIZES)}) or a JSON file; default tiny (the shipped size)")
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                        help="override one encoder field, e.g. --set depth=2 (repeatable)")
-    model.add_argument("--objective", choices=("ar", "mae", "alice"),
-                       help="autoregressive (default), MAE baseline, or Alice (cross-patient views, EMA teacher)")
+    model.add_argument("--objective", choices=("ar", "mae", "alice", "hlip"),
+                       help="autoregressive (default), MAE baseline, Alice (cross-patient views, EMA teacher), or "
+                            "HLIP (studies and reports: slice / scan / study attention, contrastive)")
     model.add_argument("--stats-weight", type=float, default=0.1, metavar="W",
                        help="ar: weight of the next patch's brightness and texture beside its normalised voxels, "
                             "which the surprise map needs (default 0.1; 0: the paper's objective alone)")
+    add_hlip_arguments(p)
     data = p.add_argument_group("data (fixed by the checkpoint on --resume)")
     data.add_argument("--sequence", metavar="KINDS",
                       help="comma-separated sequence kinds (default spatial,contrast,semantic: those the data supports)")
@@ -53,35 +65,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--log-every", type=int, default=10, help="steps between loss_log.csv rows (default 10)")
     run.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step (compiling takes minutes; then each step is faster)")
     add_device(run, amp=True)
 
 
 def _settings(args: argparse.Namespace):
     """The run's settings from the options (a resumed run keeps its checkpoint's)."""
     from model_core.data.preprocess import PreprocessConfig
-    from model_core.data.pretraining import SequenceConfig
     from model_core.models.vit import ViT3DConfig
     from model_core.objectives.registry import objective_entry
     from model_core.training.pretrain import PretrainSettings, init_settings, resolve_settings
 
     window = objective_entry(args.objective or "ar").window
     fresh = PretrainSettings(
-        encoder=ViT3DConfig.from_spec(args.config or "tiny", **overrides(args.overrides)).to_dict(),
+        encoder=ViT3DConfig.from_spec(args.config or "tiny", **{**_encoder_defaults(args), **overrides(args.overrides)})
+        .to_dict(),
         objective=args.objective or "ar",
-        options={"stats_weight": args.stats_weight} if (args.objective or "ar") == "ar" and args.stats_weight else {},
-        sequence=SequenceConfig(kinds=_kinds(args.sequence or ",".join(SEQUENCE_KINDS)),
-                                crop=args.crop or window[0], slab=args.slab or window[2]).to_dict(),
+        options=_options(args),
+        sequence=_sequence(args, window).to_dict(),
         preprocessing=PreprocessConfig(spacing=spacing(args.spacing or "1.5")).to_dict(),
         modality=args.modality or MODALITY_ANY,
     )
     given = {"encoder": bool(args.config or args.overrides), "objective": bool(args.objective),
-             "sequence": bool(args.sequence or args.crop or args.slab), "preprocessing": bool(args.spacing),
+             "sequence": bool(args.sequence or args.crop or args.slab or args.scans), "preprocessing": bool(args.spacing),
              "modality": bool(args.modality)}
     if args.init:
         if args.config or args.overrides:
             raise Ar3dInputError("--config and --set choose a new encoder; --init keeps the size of the one it starts from")
         fresh = init_settings(args.init, fresh)
     return resolve_settings(args.out, fresh, given, args.resume)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The objective's options from the command line."""
+    objective = args.objective or "ar"
+    if objective == "hlip":
+        return hlip_options(args)
+    return {"stats_weight": args.stats_weight} if objective == "ar" and args.stats_weight else {}
+
+
+def _sequence(args: argparse.Namespace, window: tuple[int, int, int]):
+    """What a sample looks like; for hlip, n_sub is the number of scans per sample."""
+    from model_core.data.pretraining import SequenceConfig
+
+    crop, slab = args.crop or window[0], args.slab or window[2]
+    if args.objective == "hlip":
+        return SequenceConfig(kinds=("spatial",), crop=crop, slab=slab, n_sub=args.scans or HLIP_SCANS)
+    return SequenceConfig(kinds=_kinds(args.sequence or ",".join(SEQUENCE_KINDS)), crop=crop, slab=slab)
+
+
+def _encoder_defaults(args: argparse.Namespace) -> dict:
+    """hlip: an encoder that takes up to 40 scans per study (the size of the fixed scan-index table)."""
+    return {"max_subvolumes": MAX_STUDY_SCANS} if args.objective == "hlip" and not args.init else {}
 
 
 def _kinds(text: str) -> tuple[str, ...]:
@@ -100,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup if args.warmup is not None else args.steps // 20, min_lr_ratio=args.min_lr_ratio,
         grad_clip=args.grad_clip, ckpt_every=args.ckpt_every, log_every=args.log_every, seed=args.seed,
-        num_workers=args.workers, amp=args.amp, device=args.device,
+        num_workers=args.workers, amp=args.amp, device=args.device, compile=args.compile,
     )
     main_rank = int(os.environ.get("RANK", "0")) == 0
     settings = _settings(args)
@@ -123,4 +159,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMAND = Command("pretrain", "pretrain an encoder (autoregressive, MAE or Alice); torchrun-ready", add_arguments, run)
+COMMAND = Command("pretrain", "pretrain an encoder (autoregressive, MAE, Alice or HLIP); torchrun-ready",
+                  add_arguments, run)

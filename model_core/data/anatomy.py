@@ -351,7 +351,9 @@ def make_views_dataset(
     n_phantoms: int = 8,
     progress: ProgressFn = None,
 ) -> CrossPatientViews:
-    """`CrossPatientViews` over `cases_from_paths(data)` (manifests filtered to use "pretrain"); matcher default auto."""
+    """`CrossPatientViews` over `cases_from_paths(data)` (manifests filtered to use "pretrain").
+
+    matcher: default "auto" without a template (labels, then body)."""
     cases = cases_from_paths(data, use="pretrain", n_phantoms=n_phantoms)
     return CrossPatientViews(cases, pre_cfg, matcher or make_matcher("auto"), seed, cache_dir, window=window,
                              source=", ".join(str(d) for d in data), progress=progress)

@@ -270,8 +270,9 @@ def make_brain_mri(
     seed: int = 0,
     shape: tuple[int, int, int] = (96, 112, 96),
     spacing: tuple[float, float, float] | None = None,
+    tumour: bool = True,
 ) -> Phantom:
-    """A brain MRI with a glioma-like tumour in four co-registered contrasts t1n, t1c, t2w, t2f.
+    """A brain MRI with a glioma-like tumour (unless `tumour=False`) in four co-registered contrasts t1n, t1c, t2w, t2f.
 
     Scalp, skull, CSF (subarachnoid space, sulci, ventricles), a folded grey-matter ribbon, deep
     grey nuclei, white matter, and in one hemisphere a tumour: necrotic core, enhancing rim (bright
@@ -287,7 +288,8 @@ def make_brain_mri(
     intracranial, depth = _mri_skull(h)
     _mri_cortex(h, intracranial, depth)
     _mri_deep_grey(h)
-    _mri_tumour(h, intracranial)
+    if tumour:
+        _mri_tumour(h, intracranial)
     return Phantom(
         images=_mri_images(h),
         labels=np.where(h.tissue <= 6, h.tissue, 0).astype(np.uint8),

@@ -97,10 +97,11 @@ _EPS = 1e-6  # variance floor of the per-patch normalisation, as in pretraining
 
 @dataclass
 class ExplainModel:
-    """An AR-pretrained encoder with its next-token head and the input convention it was trained with."""
+    """An encoder, its next-token head (None when not AR-pretrained: no prediction or surprise map) and the input
+    convention it was trained with."""
 
     encoder: ViT3D
-    head: NextTokenHead
+    head: NextTokenHead | None
     preprocess: PreprocessConfig
     window: tuple[int, int, int] = PRETRAIN_WINDOW  # voxels of one window on the model grid
     name: str = "model"
@@ -116,7 +117,8 @@ class ExplainModel:
             raise Ar3dInputError(f"window {tuple(self.window)} must be three positive voxel counts")
         self.window = tuple(max(p, int(w) // p * p) for w in self.window)  # whole patches
         self.encoder.eval()
-        self.head.eval()
+        if self.head is not None:
+            self.head.eval()
 
     @property
     def patch_size(self) -> int:
@@ -128,26 +130,24 @@ class ExplainModel:
 
     def to(self, device: torch.device | str) -> "ExplainModel":
         self.encoder.to(device)
-        self.head.to(device)
+        if self.head is not None:
+            self.head.to(device)
         return self
 
 
 def load_explain_model(name_or_dir: str | os.PathLike, device: str | torch.device = "auto") -> ExplainModel:
     """The encoder and next-token head of a checkpoint (a folder or a shipped name such as "ar3d-encoder").
 
-    Raises `CheckpointError` (an `Ar3dInputError`) when the checkpoint has no next-token head.
+    A checkpoint without a next-token head (MAE, Alice) gives `head=None`: its attention and PCA maps only.
     """
     device = resolve_device(device)
     path = resolve_model(name_or_dir)
     checkpoint = load_checkpoint(path)
-    if "head.proj.weight" not in checkpoint.state_dict:
-        raise CheckpointError(
-            f"model {os.fspath(name_or_dir)} has no next-token head; explain needs an AR-pretrained encoder",
-            checkpoint.path,
-        )
     encoder = build_encoder(checkpoint)
-    head = NextTokenHead(encoder.cfg, stats="head.stats.weight" in checkpoint.state_dict)
-    load_into(head, checkpoint, prefix="head.")
+    head = None
+    if "head.proj.weight" in checkpoint.state_dict:
+        head = NextTokenHead(encoder.cfg, stats="head.stats.weight" in checkpoint.state_dict)
+        load_into(head, checkpoint, prefix="head.")
     config = checkpoint.typed_config
     window = config.provenance.sequence_window(PRETRAIN_WINDOW)
     model = ExplainModel(encoder, head, config.preprocessing, window, name=os.fspath(name_or_dir))
@@ -512,6 +512,9 @@ def explain(
         model = model_name_or_dir.to(resolve_device(device))
     else:
         model = load_explain_model(model_name_or_dir, device)
+    if model.head is None and {"prediction", "surprise"} & set(maps):
+        raise CheckpointError(f"model {model.name} has no next-token head; the prediction and surprise maps need "
+                              "an AR-pretrained encoder (attention and pca work with any encoder)")
     _layer_index(layer, model.encoder.cfg.depth)
     volume = read_volume(input_path)
     if query_mm is not None:

@@ -69,6 +69,8 @@ class ScribbleSettings:
     points: int = 8192  # painted voxels per step
     lr: float = 3e-3
     weight_decay: float = 0.01
+    feature_dropout: float = 0.0  # dropout on the token field while training
+    balance: bool = False  # weight the loss by the inverse frequency of each class among the painted voxels
     decoder: dict = field(default_factory=lambda: {"hidden": 64, "refine": 16, "mid": 16})  # LightDecoder options
     chunk: int = 2**18  # voxels decoded per batch when predicting
 
@@ -204,18 +206,21 @@ class ScribbleSession:
         steps = self.settings.steps_first if first else self.settings.steps_warm
         painted = torch.from_numpy(np.flatnonzero(target != IGNORE))  # flat indices into the padded grid
         labels = torch.from_numpy(target.reshape(-1)[painted.numpy()].astype(np.int64))
+        counts = torch.bincount(labels, minlength=len(classes) + 1).float()
+        weight = (counts.sum() / counts.clamp_min(1) / len(counts)).to(self.device) if self.settings.balance else None
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.training.steps)
         decoder, optimizer = self.training.decoder.train(), self.training.optimizer
         for step in range(steps):
             check_stop(should_stop)
             pick = torch.randint(len(painted), (self.settings.points,), generator=generator)
-            logits = decoder.forward_points(self.image, self.features, painted[pick][None].to(self.device))
-            loss = F.cross_entropy(logits, labels[pick][None].to(self.device))  # logits (1, K+1, N)
+            features = F.dropout(self.features, self.settings.feature_dropout) if self.settings.feature_dropout else self.features
+            logits = decoder.forward_points(self.image, features, painted[pick][None].to(self.device))
+            loss = F.cross_entropy(logits, labels[pick][None].to(self.device), weight=weight)  # logits (1, K+1, N)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             self.training.steps += 1
-            self.training.loss = float(loss)
+            self.training.loss = float(loss.detach())
             report(progress, step + 1, steps, "training", loss=self.training.loss)
         decoder.eval()
         return self.training.loss

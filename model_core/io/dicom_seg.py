@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -182,7 +183,8 @@ def _frames(labels: np.ndarray, affine: np.ndarray, sources: list, path: Path) -
     for n, ds in enumerate(sources):
         where = f"source instance {Path(ds.filename).name if ds.filename else n}"
         if (int(ds.Rows), int(ds.Columns)) != (shape[1], shape[0]):
-            raise Ar3dInputError(f"{where} is {ds.Rows}x{ds.Columns} pixels, the labels' slices {shape[1]}x{shape[0]}", path)
+            problem = f"{where} is {ds.Rows}x{ds.Columns} pixels, the labels' slices {shape[1]}x{shape[0]}"
+            raise Ar3dInputError(problem, path)
         orientation = np.array(ds.ImageOrientationPatient, dtype=np.float64).reshape(2, 3) * _LPS  # RAS rows
         ijk = world_to_voxel(affine, np.array(ds.ImagePositionPatient, dtype=np.float64) * _LPS)
         k = int(round(ijk[2]))
@@ -198,13 +200,13 @@ def _describe(value: int, name: str, algorithm: Algorithm | None, kind: str):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    category, property_type = _codes(name)
+    category, property_type, side = _codes(name)
     identification = None
     if algorithm is not None:
         family = codes.cid7162.ArtificialIntelligence
         identification = hd.AlgorithmIdentificationSequence(algorithm.name, family, algorithm.version,
                                                             source="napari-ar3d")
-    return hd.seg.SegmentDescription(
+    description = hd.seg.SegmentDescription(
         segment_number=value,
         segment_label=name[:64],
         segmented_property_category=category,
@@ -214,19 +216,32 @@ def _describe(value: int, name: str, algorithm: Algorithm | None, kind: str):
         tracking_uid=hd.UID(),
         tracking_id=name[:64],
     )
+    if side is not None:  # "kidney_right": Kidney, modified by Right
+        description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(side)]
+    return description
 
 
 def _codes(name: str):
-    """(category, type) codes of a class: SNOMED CT anatomy for a known structure ("kidney_right" -> Kidney),
-    else the class name in `LOCAL_SCHEME`."""
-    from pydicom.sr.coding import Code
+    """(category, type, side or None) codes of a class: SNOMED CT anatomy for a known structure
+    ("kidney_right": Kidney and Right), else the class name in `LOCAL_SCHEME`."""
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     words = [w for w in name.replace("-", "_").replace(" ", "_").lower().split("_") if w]
-    for candidate in (words, [w for w in words if w not in SIDES]):
-        concept = getattr(codes.SCT, "".join(w.capitalize() for w in candidate), None) if candidate else None
-        if isinstance(concept, Code):
-            return codes.cid7150.AnatomicalStructure, concept
+    sides = [w for w in words if w in SIDES]
+    if (concept := _snomed(words)) is not None:
+        return codes.cid7150.AnatomicalStructure, concept, None
+    if len(sides) == 1 and (concept := _snomed([w for w in words if w not in SIDES])) is not None:
+        return codes.cid7150.AnatomicalStructure, concept, getattr(codes.SCT, sides[0].capitalize())
     plain = len(name) <= 16 and all(c.isascii() and (c.isalnum() or c in "_- ") for c in name)
     value = name if plain else hashlib.sha256(name.encode()).hexdigest()[:16]
-    return Code("class", LOCAL_SCHEME, "napari-ar3d class"), Code(value, LOCAL_SCHEME, name[:64])
+    return Code("class", LOCAL_SCHEME, "napari-ar3d class"), Code(value, LOCAL_SCHEME, name[:64]), None
+
+
+def _snomed(words: list[str]):
+    """pydicom's SNOMED CT code named by these words ("adrenal", "gland" -> AdrenalGland), or None."""
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    concept = getattr(codes.SCT, "".join(w.capitalize() for w in words), None) if words else None
+    return concept if isinstance(concept, Code) else None

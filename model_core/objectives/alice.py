@@ -63,6 +63,8 @@ from torch import Tensor, nn
 from model_core.errors import Ar3dInputError
 from model_core.models.vit import Block, ViT3D, init_weights, sequence_pos_embed, unpatchify
 
+TEACHER_PARTS = ("encoder", "decoder", "head")  # the student's modules the EMA teacher copies
+
 
 @dataclass
 class AliceOptions:
@@ -124,7 +126,7 @@ class NormedLinear(nn.Module):
 
 
 class AliceHead(nn.Module):
-    """DINO-style projection: shared MLP to an L2-normalised bottleneck, then one last layer for cls, one for patches."""
+    """DINO-style projection: a shared MLP to an L2-normalised bottleneck; one last layer for cls, one for patches."""
 
     def __init__(self, in_dim: int, hidden: int, bottleneck: int, out_dim: int):
         super().__init__()
@@ -230,7 +232,8 @@ class AliceObjective(nn.Module):
         self.options = AliceOptions.from_dict(options)
         opt, cfg = self.options, encoder.cfg
         if opt.mask_grid % cfg.patch_size:
-            raise Ar3dInputError(f"Alice mask_grid {opt.mask_grid} must be a multiple of the patch size {cfg.patch_size}")
+            raise Ar3dInputError(
+                f"Alice mask_grid {opt.mask_grid} must be a multiple of the patch size {cfg.patch_size}")
         if type(schedule_steps) is not int or schedule_steps < 1:
             raise Ar3dInputError(f"Alice schedule_steps must be a positive integer, got {schedule_steps!r}")
         self.schedule_steps = schedule_steps
@@ -241,7 +244,7 @@ class AliceObjective(nn.Module):
                                     opt.decoder_heads or cfg.heads, cfg.mlp_ratio, cfg.patch_size**3 * cfg.in_channels)
         self.head = AliceHead(cfg.width, opt.head_hidden, opt.head_bottleneck, opt.out_dim)
         self.casa = CASA(opt.head_bottleneck, opt.casa_heads, opt.casa_hidden or 4 * opt.head_bottleneck)
-        self.teacher = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in ("encoder", "decoder", "head")})
+        self.teacher = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in TEACHER_PARTS})
         self.teacher.requires_grad_(False)
         self.register_buffer("center_cls", torch.zeros(1, opt.out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, opt.out_dim))
@@ -268,10 +271,16 @@ class AliceObjective(nn.Module):
         return opt.teacher_temp_start + (opt.teacher_temp - opt.teacher_temp_start) * step / warmup
 
     @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """Make the teacher a copy of the student (after the student's encoder was loaded from a checkpoint)."""
+        for name in TEACHER_PARTS:
+            self.teacher[name].load_state_dict(getattr(self, name).state_dict())
+
+    @torch.no_grad()
     def after_step(self) -> None:
         """Move the teacher towards the student (momentum of this step); called after each optimizer step."""
         m = self.momentum_at(int(self.step))
-        for name in ("encoder", "decoder", "head"):
+        for name in TEACHER_PARTS:
             for s, t in zip(getattr(self, name).parameters(), self.teacher[name].parameters()):
                 t.mul_(m).add_(s.detach(), alpha=1.0 - m)
         self.step += 1

@@ -4,7 +4,9 @@
 adding one is one `Objective` entry in OBJECTIVES:
 - "ar": autoregressive next-token prediction (AR-SSL4M) on sequences of sub-volumes;
 - "mae": the masked-autoencoder baseline on the same sequences;
-- "alice": Alice on cross-patient views (`model_core.objectives.alice`, `model_core.data.anatomy`).
+- "alice": Alice on cross-patient views (`model_core.objectives.alice`, `model_core.data.anatomy`);
+- "hlip": HLIP language-image pretraining on studies and reports (`model_core.objectives.hlip`,
+  `model_core.data.studies`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -22,6 +25,7 @@ from model_core.errors import Ar3dInputError
 from model_core.models.vit import ViT3D
 from model_core.objectives.alice import AliceObjective, AliceOptions
 from model_core.objectives.autoregressive import AutoregressiveObjective, MaskedAutoencoderObjective
+from model_core.objectives.hlip import HLIP_WINDOW, HLIPObjective, hlip_dataset, hlip_options, prepare_hlip
 from model_core.progress import ProgressFn
 from model_core.vocabulary import PRETRAIN_WINDOW
 
@@ -62,9 +66,12 @@ class Objective:
     cls: type[nn.Module]  # built as cls(encoder, **options) (+ schedule_steps when `scheduled`)
     heads: Callable[[nn.Module], dict]  # the checkpoint's "heads": what the weights hold beside the encoder
     options: Callable[[dict], dict]  # the constructor options, from a checkpoint's "heads"
-    dataset: Callable[..., Dataset]  # (data, SequenceConfig, PreprocessConfig, seed, cache_dir, *, n_phantoms, progress)
+    dataset: Callable[..., Dataset]  # (data, SequenceConfig, PreprocessConfig, seed, cache_dir, *, n_phantoms,
+    #                                     progress): what it trains on
     window: tuple[int, int, int]  # default (crop, crop, slab) of a sample's sub-volume or view
     scheduled: bool = False  # the objective takes `schedule_steps` (the run's length) for its own schedules
+    # (dataset, options, out, resumed) -> the constructor options, once the dataset is built (HLIP: its tokenizer)
+    prepare: Callable[[Dataset, dict, Path, bool], dict] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -74,6 +81,8 @@ OBJECTIVES: dict[str, Objective] = {
     "alice": Objective(AliceObjective, lambda objective: {"alice": objective.options.to_dict()},
                        lambda heads: AliceOptions.from_dict(heads.get("alice", {})).to_dict(),
                        _alice_dataset, ALICE_WINDOW, scheduled=True),
+    "hlip": Objective(HLIPObjective, lambda objective: objective.heads(), hlip_options, hlip_dataset, HLIP_WINDOW,
+                      prepare=prepare_hlip),
 }
 
 

@@ -83,6 +83,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     amp: str = "auto"  # "auto": bf16 autocast where supported; "bf16": force it; "off"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    compile: bool = False  # torch.compile the forward and backward (the optimizer step stays eager)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "ckpt_every", "log_every"):
@@ -407,12 +408,15 @@ def _train(run: _Run, resume: bool) -> TrainResult:
         net = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
+    if run.cfg.compile:
+        net = torch.compile(net)  # the first step compiles (minutes on a CPU); a cancel waits for the step's end
     loader = _loader(run, at.step)
     run.model.train()
     clock = _Clock(at.wall_before)
     if run.ranks.main:
         run.out.mkdir(parents=True, exist_ok=True)
-    stop_hooks = _stop_inside_steps(run.model, run.should_stop) if run.ranks.world == 1 else []
+    inside = run.ranks.world == 1 and not run.cfg.compile  # a hook in a compiled graph would be traced, not polled
+    stop_hooks = _stop_inside_steps(run.model, run.should_stop) if inside else []
     try:
         cancelled = _steps(run, net, loader, at, clock)
     finally:
