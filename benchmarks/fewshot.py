@@ -331,6 +331,7 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=30, help="hippocampus: held-out test cases (default 30)")
     parser.add_argument("--augment", default="", metavar="K=V,...",
                         help="extra FinetuneConfig augmentation, e.g. contrast_curve=0.5,gamma=0.3,bias_field=0.3")
+    parser.add_argument("--blocks", help="head mode: encoder blocks the light decoder reads, e.g. 12 or 9,10,11,12")
     parser.add_argument("--folds", type=int, help="only the first N folds of each task")
     parser.add_argument("--mode", choices=("head", "full"), default="head",
                         help="head: frozen encoder, light decoder (default); full: encoder + UNETR decoder, layer-wise lr decay")
@@ -361,6 +362,8 @@ def main() -> None:
     args.train_sizes = [int(n) for n in args.train_sizes.split(",")]
     args.augment = {k: (int(v) if k == "thick_slices" else float(v))
                     for k, v in (item.split("=") for item in args.augment.split(",") if item)}
+    if args.blocks:
+        args.augment["blocks"] = tuple(int(b) for b in args.blocks.split(","))
     wanted = args.inits.split(",")
     inits = {}
     for name in wanted:

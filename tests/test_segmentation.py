@@ -13,6 +13,7 @@ from model_core.models.segmentation import (
     SegmentationModel,
     UNETRDecoder,
     build_decoder,
+    decoder_from_config,
     feature_blocks,
     light_features,
     model_from_config,
@@ -161,3 +162,21 @@ def test_loss_of_a_perfect_prediction_is_near_zero():
     logits = 50.0 * torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float()
     assert dice_ce_loss(logits, target, dice) < 1e-3
     assert dice_ce_loss(-logits, target, dice) > 1.0
+
+
+def test_the_light_decoder_reads_the_blocks_it_is_given():
+    torch.manual_seed(0)
+    model = SegmentationModel(ViT3D(ViT3DConfig(patch_size=8, width=48, depth=4, heads=2)),
+                              build_decoder("light", ViT3DConfig(patch_size=8, width=48, depth=4, heads=2), 3,
+                                            blocks=[2, 3]))
+    x = torch.rand(1, 1, 16, 16, 16)
+    features = light_features(model.encoder, x, [2, 3])  # neither ends with the final (normalised) tokens
+    assert features.shape == (1, 2 * 48, 2, 2, 2)
+    assert model.decoder.config["blocks"] == [2, 3]
+    assert torch.allclose(model(x), model(x, features), atol=1e-5)
+    rebuilt = decoder_from_config(ViT3DConfig(patch_size=8, width=48, depth=4, heads=2), model.decoder.config)
+    assert rebuilt.blocks == (2, 3)
+    with pytest.raises(Ar3dInputError, match="increasing block numbers in 1..4"):
+        light_features(model.encoder, x, [3, 2])
+    with pytest.raises(Ar3dInputError, match="increasing block numbers in 1..4"):
+        build_decoder("light", ViT3DConfig(patch_size=8, width=48, depth=4, heads=2), 3, blocks=[5])

@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--gamma", type=float, default=0.0, help="random gamma in [1/(1+G), 1+G] (default 0: off)")
     run.add_argument("--bias-field", type=float, default=0.0, metavar="C",
                      help="random MRI bias field with coefficients up to C, e.g. 0.3 (default 0: off)")
+    run.add_argument("--blocks", metavar="3,6,9,12",
+                     help="head mode: encoder blocks (1-based) whose tokens the light decoder reads "
+                          "(default: 4 evenly spaced, ending with the last)")
     run.add_argument("--thick-slices", type=int, default=1, metavar="N",
                      help="simulate slices up to N voxels thick along S, for thick-slice scans (default 1: off)")
     run.add_argument("--seed", type=int, default=0)
@@ -94,12 +97,19 @@ def _config(args: argparse.Namespace):
         merge=dict(merge(item) for item in args.merge), background_label=args.background_label,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, window=args.window, crops_per_scan=args.crops,
         ckpt_every=args.ckpt_every, flip_prob=args.flip_prob, zoom=args.zoom, rotate=args.rotate,
-        contrast_curve=args.contrast_curve, gamma=args.gamma, bias_field=args.bias_field, thick_slices=args.thick_slices,
+        blocks=_blocks(args.blocks) if args.blocks else None, contrast_curve=args.contrast_curve, gamma=args.gamma, bias_field=args.bias_field, thick_slices=args.thick_slices,
         ct_window=ct_window(args.ct_window) if args.ct_window else None,
         spacing=spacing(args.spacing) if args.spacing else None,
         scratch_config=ViT3DConfig.from_spec(args.config or "tiny", **overrides(args.overrides)),
         seed=args.seed, device=args.device, amp=args.amp,
     )
+
+
+def _blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise Ar3dInputError(f"--blocks {text!r} must be block numbers, comma-separated") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -332,6 +332,7 @@ def cache_features(
     device: torch.device,
     *,
     batch_size: int = 4,
+    blocks: Sequence[int] | None = None,
     progress: ProgressFn = None,
     should_stop: StopFn = None,
 ) -> list[dict[str, Tensor]]:
@@ -343,7 +344,7 @@ def cache_features(
             check_stop(should_stop)
             batch = [crops[i] for i in range(first, min(n, first + batch_size))]
             x = torch.stack([b["volumes"] for b in batch]).to(device)  # (b, 1, X, Y, Z)
-            features = light_features(encoder, x).to("cpu", torch.float16)  # (b, 4C, gx, gy, gz)
+            features = light_features(encoder, x, blocks).to("cpu", torch.float16)  # (b, 4C, gx, gy, gz)
             items += [dict(b, features=f.clone()) for b, f in zip(batch, features)]
             report(progress, len(items), n, "caching encoder features")
     return items

@@ -26,7 +26,7 @@ is background, channels 1..K the classes in the order of the checkpoint's "class
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +132,7 @@ class LightDecoder(nn.Module):
         hidden: int = 64,
         refine: int = 16,
         mid: int = 16,
+        blocks: Sequence[int] | None = None,
     ):
         super().__init__()
         if num_classes < 2:
@@ -140,6 +141,9 @@ class LightDecoder(nn.Module):
             raise Ar3dInputError(f"mid is a number of channels (0: no mid-resolution branch), got {mid}")
         self.patch_size = patch_size
         self.config = {"kind": "light", "num_classes": num_classes, "hidden": hidden, "refine": refine, "mid": mid}
+        self.blocks = None if blocks is None else tuple(int(b) for b in blocks)  # encoder blocks it reads; None: default
+        if self.blocks is not None:
+            self.config["blocks"] = list(self.blocks)
         self.coarse = nn.Sequential(
             nn.Conv3d(in_features + 2 * in_channels, hidden, 1), nn.GELU(),
             nn.Conv3d(hidden, hidden, 3, padding=1), nn.GELU(),
@@ -230,13 +234,25 @@ def _volumes(encoder: ViT3D, x: Tensor) -> Tensor:
     return x if encoder.cfg.in_channels == 1 else x.unsqueeze(1)
 
 
-def light_features(encoder: ViT3D, x: Tensor) -> Tensor:
-    """The light decoder's input: 4 levels of layer-normalised token features of x (B, 1, X, Y, Z), (B, 4C, gx, gy, gz)."""
+def light_features(encoder: ViT3D, x: Tensor, blocks: Sequence[int] | None = None) -> Tensor:
+    """The light decoder's input: layer-normalised token features of x (B, 1, X, Y, Z) after each of `blocks`
+    (1-based; default `feature_blocks(depth, LIGHT_LEVELS)`, e.g. 3, 6, 9, 12), (B, len(blocks) * C, gx, gy, gz)."""
     grid = encoder.grid(x.shape[2:])
-    blocks = feature_blocks(encoder.cfg.depth, LIGHT_LEVELS)
-    tokens, hidden = encoder.forward_features(_volumes(encoder, x), return_blocks=blocks[:-1])
-    levels = [F.layer_norm(h, h.shape[-1:]) for h in hidden] + [tokens]  # the final tokens are normalised already
+    blocks = check_blocks(blocks, encoder.cfg.depth)
+    last = blocks[-1] == encoder.cfg.depth
+    tokens, hidden = encoder.forward_features(_volumes(encoder, x), return_blocks=blocks[:-1] if last else blocks)
+    levels = [F.layer_norm(h, h.shape[-1:]) for h in hidden] + ([tokens] if last else [])  # final tokens: normed
     return torch.cat([token_grid(t, grid) for t in levels], dim=1)
+
+
+def check_blocks(blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """`blocks` as increasing distinct block numbers in 1..depth; None: `feature_blocks(depth, LIGHT_LEVELS)`."""
+    if blocks is None:
+        return feature_blocks(depth, LIGHT_LEVELS)
+    out = tuple(int(b) for b in blocks)
+    if not out or list(out) != sorted(set(out)) or out[0] < 1 or out[-1] > depth:
+        raise Ar3dInputError(f"feature blocks {list(blocks)} must be increasing block numbers in 1..{depth}")
+    return out
 
 
 def segmentation_logits(
@@ -244,7 +260,7 @@ def segmentation_logits(
 ) -> Tensor:
     """x (B, 1, X, Y, Z) -> logits (B, K+1, X, Y, Z). `features`: precomputed `light_features` (light decoder only)."""
     if isinstance(decoder, LightDecoder):
-        return decoder(x, light_features(encoder, x) if features is None else features)
+        return decoder(x, light_features(encoder, x, decoder.blocks) if features is None else features)
     if features is not None:
         raise Ar3dInputError("cached features are only used by the light decoder")
     grid = encoder.grid(x.shape[2:])
@@ -275,7 +291,7 @@ def build_decoder(kind: DecoderKind, cfg: ViT3DConfig, num_classes: int, **optio
     A decoder's `config` attribute holds these arguments (as `kind`, `num_classes`, options) for config.json.
     """
     if kind == "light":
-        width = len(feature_blocks(cfg.depth, LIGHT_LEVELS)) * cfg.width
+        width = len(check_blocks(options.get("blocks"), cfg.depth)) * cfg.width
         return LightDecoder(width, num_classes, cfg.patch_size, cfg.in_channels, **options)
     if kind == "unetr":
         return UNETRDecoder(cfg, num_classes, **options)

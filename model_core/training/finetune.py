@@ -135,6 +135,7 @@ class FinetuneConfig:
     gamma: float = 0.0  # gamma drawn from [1 / (1 + this), 1 + this] for half the crops (0: off)
     bias_field: float = 0.0  # MRI bias field: polynomial coefficients up to this, for half the crops (0: off)
     thick_slices: int = 1  # half the crops get slices up to this many voxels thick along S (1: off)
+    blocks: tuple[int, ...] | None = None  # head mode: encoder blocks the light decoder reads (default 4 evenly spaced)
     ct_window: tuple[float, float] | None = None  # HU window of a new (scratch) encoder's CT input; None: soft tissue
     spacing: tuple[float, float, float] | None = None  # model voxel spacing; default the encoder's (else 1.5 mm)
     scratch_config: str | ViT3DConfig = "tiny"  # encoder size when starting from scratch
@@ -174,6 +175,8 @@ class FinetuneConfig:
         for name in ("zoom", "rotate"):
             if not 0 <= getattr(self, name) < 1:
                 raise Ar3dInputError(f"FinetuneConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.blocks is not None:
+            self.blocks = tuple(int(b) for b in self.blocks)
         if self.ct_window is not None:
             self.ct_window = IntensityConfig("ct", window=self.ct_window).window  # checked: (low, high), low < high
         if isinstance(self.labels, str) and self.labels != "all":
@@ -373,7 +376,7 @@ def training_data(
     """
     if cfg.mode == "head":
         items = cache_features(objective.encoder, crops, cfg.crops_per_scan * n_scans, resolve_device(cfg.device),
-                               progress=progress, should_stop=should_stop)
+                               blocks=cfg.blocks, progress=progress, should_stop=should_stop)
         return CachedFeatureDataset(items, cfg.seed, cfg.points), default_param_groups(objective, cfg.weight_decay)
     return crops, layer_decay_groups(objective, cfg.peak_lr, cfg.weight_decay, cfg.layer_decay)
 
@@ -483,7 +486,8 @@ def finetune(
 
     torch.manual_seed(cfg.seed)
     kind = "light" if cfg.mode == "head" else "unetr"
-    seg_model = SegmentationModel(start.encoder, build_decoder(kind, start.encoder.cfg, len(cmap.classes) + 1))
+    options = {"blocks": cfg.blocks} if cfg.blocks and kind == "light" else {}
+    seg_model = SegmentationModel(start.encoder, build_decoder(kind, start.encoder.cfg, len(cmap.classes) + 1, **options))
     objective = SegmentationObjective(seg_model, frozen_encoder=cfg.mode == "head")
     config = checkpoint_config(seg_model, window, pre_cfg, found_modality, cmap, start, scans, cfg, provenance)
     if resuming:
