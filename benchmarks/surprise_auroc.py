@@ -6,7 +6,10 @@ labels), brain voxels are `brainmask > 0` (extra image). The score of a voxel is
 the other brain voxels (Mann-Whitney U, ties counted half; 0.5 = chance).
 
 Compared: the pretrained encoder `--model` and a randomly initialised model of the same config
-(same preprocessing and windows, `--seed`), so the difference is what pretraining learned.
+(same preprocessing and windows, `--seed`), so the difference is what pretraining learned. A model
+whose head predicts patch brightness (`NextTokenHead.stats`) is also scored on its pattern error
+alone ("pattern only", the surprise of a head without it), to show what the brightness term adds;
+`--also NAME_OR_DIR` scores further models on the same cases (e.g. the shipped encoder).
 Data: `--data` (default `$AR3D_DATA`, else `../shared/data` beside the repository). BraTS 2015 is
 CC BY-NC-SA: it is only read here, for evaluation.
 
@@ -37,7 +40,7 @@ from model_core.inference.explain import (  # noqa: E402
     surprise_map,
 )
 from model_core.io.volume import read_volume  # noqa: E402
-from model_core.models.vit import ViT3D  # noqa: E402
+from model_core.models.vit import NextTokenHead, ViT3D  # noqa: E402
 from model_core.objectives.autoregressive import AutoregressiveObjective  # noqa: E402
 
 
@@ -49,11 +52,18 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def random_twin(model: ExplainModel, seed: int) -> ExplainModel:
-    """A randomly initialised model with the config, preprocessing and windows of `model`."""
+    """A randomly initialised model with the config, head, preprocessing and windows of `model`."""
     torch.manual_seed(seed)
-    objective = AutoregressiveObjective(ViT3D(model.encoder.cfg))
+    objective = AutoregressiveObjective(ViT3D(model.encoder.cfg), stats_weight=0.1 if model.head.stats else 0.0)
     twin = ExplainModel(objective.encoder, objective.head, model.preprocess, model.window, name="random init")
     return twin.to(model.device)
+
+
+def pattern_only(model: ExplainModel) -> ExplainModel:
+    """`model` with a head that predicts no brightness: its surprise is the normalised pattern error alone."""
+    head = NextTokenHead(model.encoder.cfg)  # no stats; the same voxel map
+    head.proj = model.head.proj
+    return ExplainModel(model.encoder, head, model.preprocess, model.window, name=f"{model.name}, pattern only")
 
 
 def brats_cases(data: Path) -> list[dict]:
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path(default_data), help=f"data folder (default {default_data})")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps, auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init model (default 0)")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME_OR_DIR",
+                        help="another AR checkpoint to score on the same cases (repeatable)")
     args = parser.parse_args(argv)
     if not (args.data / "manifest.json").is_file():
         print(f"surprise_auroc: no manifest.json in {args.data}; pass --data or set AR3D_DATA", file=sys.stderr)
@@ -78,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     pretrained = load_explain_model(args.model, resolve_device(args.device))
-    models = {"pretrained": pretrained, "random init": random_twin(pretrained, args.seed)}
+    models = {"pretrained": pretrained}
+    if pretrained.head.stats is not None:
+        models["pretrained, pattern only"] = pattern_only(pretrained)
+    models.update({name: load_explain_model(name, resolve_device(args.device)) for name in args.also})
+    models["random init"] = random_twin(pretrained, args.seed)
     rows = []
     start = time.perf_counter()
     for case in cases:
@@ -99,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
           f"spacing {pretrained.preprocess.spacing} mm, window {pretrained.window}); random init seed {args.seed}")
     print(f"data: {args.data} (FLAIR; tumour = seg > 0 vs other brainmask voxels); {elapsed:.1f} s")
     print()
-    print("| case | tumour voxels | brain voxels | AUROC pretrained | AUROC random init |")
-    print("|---|---:|---:|---:|---:|")
+    print("| case | tumour voxels | brain voxels | " + " | ".join(f"AUROC {name}" for name in models) + " |")
+    print("|---|---:|---:|" + "---:|" * len(models))
     for case_id, n_tumour, n_brain, aurocs in rows:
-        print(f"| {case_id} | {n_tumour:,} | {n_brain:,} | {aurocs['pretrained']:.3f} | {aurocs['random init']:.3f} |")
+        print(f"| {case_id} | {n_tumour:,} | {n_brain:,} | " + " | ".join(f"{aurocs[n]:.3f}" for n in models) + " |")
     means = {name: np.mean([r[3][name] for r in rows]) for name in models}
-    print(f"| **mean** | | | **{means['pretrained']:.3f}** | **{means['random init']:.3f}** |")
+    print("| **mean** | | | " + " | ".join(f"**{means[n]:.3f}**" for n in models) + " |")
     return 0
 
 

@@ -1,5 +1,17 @@
-"""`ar3d demo`: the built-in default job, on a procedural CT phantom.
+"""`ar3d demo`: the built-in default job, on a real CT (default) or on a procedural CT phantom.
 
+On the real scan (`run_scan_demo`), the headline workflow with a simulated user:
+1. Copy TotalSegmentator's example CT and its silver labels (shipped as package data of
+   `napari_ar3d.sample_data`, Apache-2.0) into the output folder.
+2. Paint strokes as a user would, on three slices of one organ (liver or spleen): the organ's
+   skeleton in each slice as object, a ring 4-6 mm outside it as background (`initial_strokes`).
+3. Segment the volume live with `model_core.inference.scribble.ScribbleSession` (the shipped encoder's
+   features computed once), then correct it round by round: each round a stroke on the largest
+   3D error region's largest slice with the right label (`correction`); Dice against the silver
+   labels and the seconds of each update are recorded.
+4. Explain the scan with the shipped encoder (attention from an organ voxel, prediction, surprise).
+
+On the phantom (`run_demo`):
 1. Generate a CT phantom (`make_ct_abdomen(seed)`), write it and its true labels as NIfTI, read
    both back through `model_core.io.volume` and check that they share one geometry.
 2. Segment it with the shipped segmenter `ar3d-ct-organs` (`model_core.inference.segment`, as `ar3d segment`).
@@ -14,12 +26,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.ndimage as ndi
 
 from model_core.io.volume import (
     read_label_names,
@@ -29,13 +44,16 @@ from model_core.io.volume import (
     write_label_names,
     write_volume,
 )
+from model_core.errors import Ar3dInputError
 from model_core.progress import ProgressFn, report
-from model_core.vocabulary import DEFAULT_ENCODER, DEFAULT_SEGMENTER
+from model_core.vocabulary import DEFAULT_ENCODER, DEFAULT_SEGMENTER, DEMO_ORGANS
 
 if TYPE_CHECKING:
     from model_core.checkpoint.config import CheckpointConfig
 
 EXPLAIN_MAPS = ("attention", "prediction", "surprise")  # the PCA map is left out: slow, and 4D in napari
+OBJECT, BACKGROUND = 2, 1  # the simulated user's painted values
+SAMPLE_CREDIT = "TotalSegmentator's example CT (Wasserthal et al., Apache-2.0), silver labels"
 
 
 @dataclass
@@ -157,3 +175,165 @@ def run_demo(
     result.summary["seed_in_training_data"] = seed in training_phantom_seeds(model.config)
     timings["total"] = time.perf_counter() - t0
     return result
+
+
+# ----------------------------------------------------------------------------- the real scan
+
+
+def shipped_ct() -> Path:
+    """The folder of the shipped CT sample (image.nii.gz, seg.nii.gz, labels.json): package data of
+    `napari_ar3d.sample_data`, found without importing the plugin's code (its `__init__` is a docstring)."""
+    return Path(str(package_files("napari_ar3d.sample_data").joinpath("files", "totalseg_ct")))
+
+
+def stroke_axis(spacing: np.ndarray) -> int:
+    """The axis a user paints across: the coarsest one, the last on ties."""
+    return int(max(range(3), key=lambda a: (round(float(spacing[a]), 3), a)))
+
+
+def _plane(axis: int, k: int) -> tuple:
+    return tuple(k if a == axis else slice(None) for a in range(3))
+
+
+def _skeleton(mask2d: np.ndarray) -> np.ndarray:
+    from skimage.morphology import skeletonize
+
+    return skeletonize(mask2d) if mask2d.any() else mask2d
+
+
+def initial_strokes(truth: np.ndarray, spacing: np.ndarray, axis: int) -> tuple[np.ndarray, list[int]]:
+    """Strokes on 3 slices through the object (its 25th, 50th, 75th percentile along `axis`): the object's
+    skeleton as OBJECT, a ring 4-6 mm outside it as BACKGROUND. Returns (uint8 map like truth, slices)."""
+    scribbles = np.zeros(truth.shape, dtype=np.uint8)
+    coords = np.nonzero(truth)[axis]
+    in_plane = [float(spacing[a]) for a in range(3) if a != axis]
+    slices = [int(np.percentile(coords, q, method="nearest")) for q in (25, 50, 75)]
+    for k in slices:
+        mask = truth[_plane(axis, k)]
+        distance = ndi.distance_transform_edt(~mask, sampling=in_plane)  # mm to the object
+        plane = scribbles[_plane(axis, k)]
+        plane[(distance >= 4) & (distance <= 6)] = BACKGROUND
+        plane[_skeleton(mask)] = OBJECT
+    return scribbles, slices
+
+
+def correction(scribbles: np.ndarray, pred: np.ndarray, truth: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+    """The next round's strokes (a new array): on the largest 3D error region's largest slice, the skeleton of
+    its section, painted BACKGROUND for a false positive, OBJECT for a false negative; and that slice."""
+    best = None
+    for wrong, value in ((pred & ~truth, BACKGROUND), (~pred & truth, OBJECT)):
+        regions, n = ndi.label(wrong)
+        if n:
+            sizes = np.bincount(regions.ravel())[1:]
+            if best is None or sizes.max() > best[0]:
+                best = (int(sizes.max()), regions == 1 + int(sizes.argmax()), value)
+    out = scribbles.copy()
+    if best is None:
+        return out, -1
+    _, region, value = best
+    k = int(region.sum(axis=tuple(a for a in range(3) if a != axis)).argmax())
+    section = region[_plane(axis, k)]
+    stroke = _skeleton(section)
+    out[_plane(axis, k)][stroke if stroke.any() else section] = value
+    return out, k
+
+
+def demo_settings():
+    """The scribble session's settings in the demo: fewer steps than the widget's, so that the whole demo
+    stays under a minute on a 2-core CPU (the image-resolution branch is off: each training step would
+    otherwise run its convolutions over the whole volume)."""
+    from model_core.inference.scribble import ScribbleSettings
+
+    return ScribbleSettings(steps_first=100, steps_warm=40, points=4096, decoder={"hidden": 64, "refine": 16, "mid": 0})
+
+
+def _copy_sample(out: Path, organ: str) -> tuple[dict[str, Path], dict[int, str], int]:
+    """Copy the shipped CT and its silver labels into `out`; (files, label names, the organ's label value)."""
+    sample = shipped_ct()
+    names = {int(k): v for k, v in json.loads((sample / "labels.json").read_text()).items()}
+    value = next((k for k, v in names.items() if v == organ), None)
+    if organ not in DEMO_ORGANS or value is None:
+        raise Ar3dInputError(f"the demo segments one of {', '.join(DEMO_ORGANS)}, not {organ!r}")
+    files = {"image": out / "ct.nii.gz", "truth": out / "ct_silver_labels.nii.gz"}
+    shutil.copyfile(sample / "image.nii.gz", files["image"])
+    shutil.copyfile(sample / "seg.nii.gz", files["truth"])
+    files["truth_names"] = write_label_names(files["truth"], names)
+    return files, names, value
+
+
+def run_scan_demo(
+    out_dir: str | Path,
+    *,
+    organ: str = "liver",
+    corrections: int = 3,
+    encoder: str = DEFAULT_ENCODER,
+    device: str = "auto",
+    progress: ProgressFn = None,
+) -> DemoResult:
+    """Segment `organ` of the shipped real CT from simulated strokes, correct it `corrections` times, explain it.
+
+    `summary["rounds"]`: one entry per update (0 = the three first slices), with the slice painted,
+    the Dice against the silver labels and the update's seconds (training and predicting the volume).
+    """
+    from model_core.inference.evaluate import dice
+    from model_core.inference.explain import explain
+    from model_core.inference.scribble import ScribbleSession
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    (out / "explain").mkdir(parents=True, exist_ok=True)
+    files, names, value = _copy_sample(out, organ)
+    image, labels = read_volume(files["image"]), read_volume(files["truth"])
+    truth = np.rint(labels.array).astype(np.int64) == value  # (I, J, K)
+    axis = stroke_axis(image.spacing)
+    scribbles, first_slices = initial_strokes(truth, image.spacing, axis)
+    result = DemoResult(out, files, {"organ": organ, "shape": list(image.shape), "axis": axis,
+                                     "spacing_mm": [round(float(s), 3) for s in image.spacing],
+                                     "orientation": image.orientation, "rounds": []})
+    timings = result.timings
+    timings["read"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    session = ScribbleSession(image, encoder, settings=demo_settings(), device=device, cache=False, progress=progress)
+    timings["features"] = time.perf_counter() - t
+    painted = first_slices
+    for round_ in range(corrections + 1):
+        t = time.perf_counter()
+        pred = session.update(scribbles, BACKGROUND, progress=progress)
+        seconds = time.perf_counter() - t
+        mask = pred.labels == OBJECT
+        result.summary["rounds"].append({"round": round_, "slices": painted, "dice": round(dice(mask, truth), 4),
+                                         "seconds": round(seconds, 2)})
+        if round_ < corrections:
+            scribbles, k = correction(scribbles, mask, truth, axis)
+            painted = [k]
+    timings["updates"] = sum(r["seconds"] for r in result.summary["rounds"])
+    _write_scan_outputs(result, image, scribbles, pred, organ)
+
+    t = time.perf_counter()
+    centre = np.argwhere(truth)
+    query = centre[np.argmin(np.linalg.norm(centre - centre.mean(0), axis=1))]  # the organ voxel nearest its centroid
+    result.summary["query_ijk"] = [int(v) for v in query]
+    maps = explain(encoder, files["image"], out / "explain", query_ijk=result.summary["query_ijk"],
+                   maps=EXPLAIN_MAPS, device=device, progress=progress)
+    files.update({name: maps[name] for name in EXPLAIN_MAPS})
+    timings["explain"] = time.perf_counter() - t
+    result.dice = {organ: result.summary["rounds"][-1]["dice"]}
+    files["dice"] = out / "dice.json"
+    files["dice"].write_text(json.dumps({"sample": SAMPLE_CREDIT, "organ": organ, "labels": "silver",
+                                         "rounds": result.summary["rounds"]}, indent=1))
+    timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def _write_scan_outputs(result: DemoResult, image, scribbles: np.ndarray, pred, organ: str) -> None:
+    """The final strokes, segmentation (with class names) and uncertainty, on the image's grid."""
+    out, files = result.out_dir, result.files
+    files["scribbles"] = write_volume(out / "ct_scribble_labels.nii.gz", scribbles, image.affine, kind="labels",
+                                      like=image)
+    files["scribbles_names"] = write_label_names(files["scribbles"], {BACKGROUND: "background", OBJECT: organ})
+    seg = (pred.labels == OBJECT).astype(np.uint8)
+    files["segmentation"] = write_volume(out / f"ct_{organ}_seg.nii.gz", seg, image.affine, kind="labels", like=image)
+    files["segmentation_names"] = write_label_names(files["segmentation"], {1: organ})
+    files["uncertainty"] = write_volume(out / f"ct_{organ}_uncertainty.nii.gz", pred.uncertainty, image.affine,
+                                        kind="float", like=image)

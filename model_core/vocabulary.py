@@ -4,7 +4,8 @@ from __future__ import annotations
 
 # Shipped models (folders under model_core/shipped/, loadable by name).
 DEFAULT_ENCODER = "ar3d-encoder"  # the pretrained encoder: explain, and the start of every fine-tune
-DEFAULT_SEGMENTER = "ar3d-ct-organs"  # the demo's segmentation model
+DEFAULT_SEGMENTER = "ar3d-ct-organs"  # the phantom demo's segmentation model
+DEMO_ORGANS = ("liver", "spleen")  # what `ar3d demo`'s simulated user may paint on the shipped CT
 ENCODER_ENV = "AR3D_ENCODER"  # a checkpoint folder that stands in for DEFAULT_ENCODER
 SCRATCH = "scratch"  # "no pretrained encoder": a new, randomly initialised one
 

@@ -208,7 +208,7 @@ def test_registration_to_a_template_finds_the_shift():
     template, scan = case_data(blob_volume()), case_data(blob_volume(shift=(3, -2, 2)))
     matrix, dice = register_affine(template, scan, 0.05)
     assert dice > 0.9
-    np.testing.assert_allclose(matrix[:3, 3], [6.0, -4.0, 4.0], atol=1.5)  # mm: 2 mm voxels
+    np.testing.assert_allclose(matrix[:3, 3], [6.0, -4.0, 4.0], atol=2.0)  # mm: within a 2 mm voxel
     matcher = make_matcher("registration", template, seed=0)
     a = anatomy("t", (0, 0, 0), (47, 47, 39), spacing=(2.0, 2.0, 2.0))
     b = anatomy("s", (0, 0, 0), (47, 47, 39), spacing=(2.0, 2.0, 2.0))

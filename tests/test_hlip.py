@@ -25,7 +25,7 @@ from model_core.data.studies import (
     studies_from_manifest,
     studies_from_paths,
 )
-from model_core.errors import Ar3dInputError, CheckpointError
+from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError
 from model_core.io.volume import read_volume
 from model_core.models.hlip import SCOPES, block_scopes, merge_tokens, split_tokens, study_features
 from model_core.models.vit import ViT3D, ViT3DConfig
@@ -44,8 +44,8 @@ def vlp():
 
     try:
         openclip_losses()
-    except Exception as exc:  # not installed
-        pytest.skip(f"open-clip-torch: {exc}")
+    except Ar3dEnvironmentError as exc:  # not installed
+        pytest.skip(str(exc))
 
 
 # ----------------------------------------------------------------------------- attention scopes
@@ -130,7 +130,7 @@ def test_phantom_studies_carry_their_findings_in_the_report():
     mri = [phantom_study("mri", seed) for seed in range(4)]
     assert {s.findings["brain_tumour"] for s in mri} == {True, False}
     for study in mri:
-        assert ("oedema" in study.report) == study.findings["brain_tumour"]
+        assert study.report and ("oedema" in study.report) == study.findings["brain_tumour"]
 
 
 def test_reports_shuffle_their_sentences_behind_the_prefix_and_prompts_pair_x_with_no_x():
@@ -206,6 +206,25 @@ def test_tokenizer_round_trip_and_fixed_length():
         assert torch.equal(ReportTokenizer.load(path, 64)([text])[0], ids[:1])
     finally:
         os.remove(path)
+
+
+def test_ranks_other_than_0_read_rank_0s_tokenizer_and_never_a_stale_one(tmp_path, monkeypatch):
+    vlp()
+    from model_core.errors import TrainingError
+    from model_core.models.text import train_tokenizer
+    from model_core.objectives import hlip
+
+    path = tmp_path / "tokenizer.json"
+    trained = train_tokenizer(["a liver lesion", "no liver lesion"], 100, 16)
+    monkeypatch.setenv("RANK", "1")
+    trained.save(path)
+    os.utime(path, (hlip.PROCESS_START - 60, hlip.PROCESS_START - 60))  # a previous run's
+    monkeypatch.setattr(hlip, "TOKENIZER_WAIT_S", 1)
+    with pytest.raises(TrainingError, match="rank 0 wrote no tokenizer"):
+        hlip.shared_tokenizer(path, lambda: pytest.fail("only rank 0 trains"), 16)
+    trained.save(path)  # rank 0's, written now
+    got = hlip.shared_tokenizer(path, lambda: pytest.fail("only rank 0 trains"), 16)
+    assert got.tokenizer.to_str() == trained.tokenizer.to_str() and got.max_length == 16
 
 
 def _objective(loss="clip"):
@@ -323,6 +342,22 @@ def test_findings_refuses_bad_input_with_one_clear_error(hlip_model, tmp_path, c
         assert main(["findings", "--model", str(model_dir), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("ar3d: error: ") and problem in err[0]
+
+
+def test_zero_shot_benchmark_scores_every_finding_of_unseen_studies(hlip_model):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("findings_zero_shot", os.path.join(REPO, "benchmarks",
+                                                                                      "findings_zero_shot.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from model_core.inference.findings import load_vision_language_model
+
+    found = bench.score_studies(load_vision_language_model(hlip_model), ["ct"], 2, 100000, "cpu")
+    assert set(found) == {k for k, w in FINDINGS.items() if w.modality == "CT"}
+    assert all(len(e["scores"]) == 2 for e in found.values())
+    assert bench.auroc(np.array([0.1, 0.9, 0.4]), np.array([False, True, True])) == 1.0
+    assert bench.auroc(np.array([0.5, 0.5]), np.array([False, True])) == 0.5
 
 
 @pytest.mark.slow  # a torchrun launch of two processes

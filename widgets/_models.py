@@ -27,7 +27,7 @@ CHOOSE_FOLDER = "Choose folder…"
 ROLE_OBJECTIVES = {  # the objectives a picker's default model may have, by the picker's role
     "segment": ("segmentation",),
     "explain": ("ar",),  # next-token prediction and surprise need the AR head
-    "finetune": ("ar", "mae"),  # start from a pretrained encoder
+    "finetune": ("ar", "mae", "alice"),  # start from a pretrained encoder
 }
 
 

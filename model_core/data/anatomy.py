@@ -230,26 +230,40 @@ def _sitk_image(array: np.ndarray, spacing: np.ndarray):
     return image
 
 
-def register_affine(template: CaseData, scan: CaseData, threshold: float, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Affine map (4, 4) from template mm to scan mm, and the Dice of the two foregrounds after it
-    (inside the scan's field of view, so that a scan covering part of the template is not refused)."""
+def _register(fixed, moving, initial, seed: int):
+    """One multi-resolution Mattes-MI registration of `moving` onto `fixed` from `initial`; the fitted transform."""
     sitk = simpleitk()
-    t_spacing = np.sqrt((template.affine[:3, :3] ** 2).sum(axis=0))
-    s_spacing = np.sqrt((scan.affine[:3, :3] ** 2).sum(axis=0))
-    fixed, moving = _sitk_image(template.image, t_spacing), _sitk_image(scan.image, s_spacing)
-    initial = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.05, seed)
+    reg.SetMetricSamplingPercentage(0.2, seed + 1)  # SimpleITK reads a seed of 0 as "seed from the clock"
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=150)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0])
     reg.SetInitialTransform(initial, inPlace=False)
-    transform = sitk.AffineTransform(sitk.CompositeTransform(reg.Execute(fixed, moving)).GetNthTransform(0))
+    return sitk.CompositeTransform(reg.Execute(fixed, moving)).GetNthTransform(0)
+
+
+def register_affine(template: CaseData, scan: CaseData, threshold: float, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Affine map (4, 4) from template mm to scan mm, and the Dice of the two foregrounds after it
+    (inside the scan's field of view, so that a scan covering part of the template is not refused).
+
+    A similarity (rotation, one scale, shift) from the images' moments first, then the affine from it.
+    """
+    sitk = simpleitk()
+    t_spacing = np.sqrt((template.affine[:3, :3] ** 2).sum(axis=0))
+    s_spacing = np.sqrt((scan.affine[:3, :3] ** 2).sum(axis=0))
+    fixed, moving = _sitk_image(template.image, t_spacing), _sitk_image(scan.image, s_spacing)
+    start = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+    similar = sitk.Similarity3DTransform(_register(fixed, moving, start, seed))
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(similar.GetCenter())
+    affine.SetMatrix(similar.GetMatrix())
+    affine.SetTranslation(similar.GetTranslation())
+    transform = sitk.AffineTransform(_register(fixed, moving, affine, seed))
     A = np.array(transform.GetMatrix()).reshape(3, 3)
     c, t = np.array(transform.GetCenter()), np.array(transform.GetTranslation())
     matrix = np.eye(4)

@@ -151,14 +151,15 @@ def describe_finding(finding: Finding, rng: np.random.Generator) -> str:
 
 
 def describe_findings(findings: list[Finding], modality: str, rng: np.random.Generator, p_normal: float = 0.6) -> list[str]:
-    """The sentences of a phantom study's report: each finding, then (each with `p_normal`) a normal
-    sentence for the kinds of `modality` it does not have."""
+    """The sentences of a phantom study's report: each finding, then (each with `p_normal`, at least one
+    when there is no finding) a normal sentence for the kinds of `modality` it does not have."""
     sentences = [describe_finding(f, rng) for f in findings]
     present = {f.kind for f in findings}
-    for kind, words in FINDINGS.items():
-        if words.modality == modality and kind not in present and words.normal and rng.random() < p_normal:
-            sentences.append(str(rng.choice(words.normal)))
-    return sentences
+    absent = [w for k, w in FINDINGS.items() if w.modality == modality and k not in present and w.normal]
+    normal = [str(rng.choice(w.normal)) for w in absent if rng.random() < p_normal]
+    if not sentences and not normal and absent:  # a report never stays empty
+        normal = [str(rng.choice(absent[rng.integers(len(absent))].normal))]
+    return sentences + normal
 
 
 @dataclass

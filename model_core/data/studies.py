@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from torch.utils.data import Dataset
 from model_core.data import reports
 from model_core.data.preprocess import PreprocessConfig, preprocess_volume, voxel_spacing
 from model_core.data.pretraining import _window as window_of
-from model_core.data.pretraining import cases_from_manifest
+from model_core.data.pretraining import cases_from_manifest, contrast_name
 from model_core.errors import Ar3dInputError
 from model_core.io.volume import Volume, read_volume
 from model_core.progress import ProgressFn, report
@@ -149,7 +150,7 @@ def _scan_name(path: str) -> str:
 def _case_study(case) -> Study:
     """A case of the project's manifest as a study: its image and extra images, a generated report."""
     scans = [Scan(case.image_name, case.image, case.seg, dict(case.labels))]
-    scans += [Scan(name, image) for name, image in case.extra_images.items()]
+    scans += [Scan(contrast_name(name), image) for name, image in case.extra_images.items()]
     text = generated_report(scans, case.id) if case.seg else ""
     return Study(case.id, scans, text, case.modality, generated=bool(case.seg))
 

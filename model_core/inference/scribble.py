@@ -1,20 +1,24 @@
 """Live scribble segmentation: a few painted strokes train the light decoder on cached encoder features.
 
 `ScribbleSession(volume, model)` preprocesses the image once (the encoder's spacing and
-intensities, RAS axes), pads it to whole patches (at least one window) and runs the frozen encoder
-once over windows that overlap by a third; each token takes the weighted mean of the windows that
-saw it (more weight nearer a window's centre), so the token field of the whole volume has no seams.
-The padded image and that field (4 levels of tokens, `light_features`) are all a session keeps,
-and they are cached on disk (`model_core.inference.feature_cache`), so a second session on the
-same image and encoder skips the encoder.
+intensities, RAS axes) and pads it to whole patches; the frozen encoder runs once over windows
+that overlap by a third (a volume smaller than a window is padded for the encoder only), and each
+token takes the mean of the windows that saw it, weighted by how far inside each it lies, so the
+token field of the whole volume has no seams. The padded image and that field (4 levels of tokens,
+`light_features`) are all a session keeps; they are cached on disk
+(`model_core.inference.feature_cache`), so a second session on the same image and encoder skips
+the encoder.
 
 `update(scribbles, background)` reads a label map on the image's grid: 0 unpainted, `background`
 the painted background, every other value a class. It trains a `LightDecoder` (warm-started from
-the previous update) on painted voxels only, then predicts: first `region` (e.g. the slice on
-screen, as index slices on the image grid), then the whole volume. Results are on the image's grid:
-each voxel holds the painted value of its class (0 background) and an uncertainty in [0, 1] (the
-normalised entropy of the class probabilities). `save_model` writes the encoder and the trained
-decoder as a segmentation checkpoint for `ar3d segment` and the Segment widget.
+the previous update) on painted voxels only: each step decodes the painted voxels of one crop
+around a random painted voxel (the token part of the decoder sees the whole volume, its
+mid-resolution branch the crop), so a step costs the same on any volume. It then predicts first
+`region` (e.g. the slice on screen, as index slices on the image grid), then the whole volume.
+Results are on the image's grid: each voxel holds the painted value of its class (0 background)
+and an uncertainty in [0, 1] (the normalised entropy of the class probabilities). `save_model`
+writes the encoder and the trained decoder as a segmentation checkpoint for `ar3d segment` and the
+Segment widget.
 """
 
 from __future__ import annotations
@@ -66,12 +70,12 @@ class ScribbleSettings:
 
     steps_first: int = 150  # optimizer steps of the first update (a new decoder)
     steps_warm: int = 50  # steps of every later update (warm start)
-    points: int = 8192  # painted voxels per step
+    points: int = 4096  # painted voxels decoded per step
+    crop: int = 64  # edge in voxels of the crop a step decodes (a multiple of the patch size)
     lr: float = 3e-3
     weight_decay: float = 0.01
-    feature_dropout: float = 0.0  # dropout on the token field while training
-    balance: bool = False  # weight the loss by the inverse frequency of each class among the painted voxels
-    decoder: dict = field(default_factory=lambda: {"hidden": 64, "refine": 16, "mid": 16})  # LightDecoder options
+    balance: bool = True  # weight each class by the inverse of its share of the painted voxels
+    decoder: dict = field(default_factory=lambda: {"hidden": 32, "refine": 16, "mid": 8})  # LightDecoder options
     chunk: int = 2**18  # voxels decoded per batch when predicting
 
 
@@ -139,6 +143,7 @@ class ScribbleSession:
         self.affine = cached["affine"]  # (4, 4) of the padded model grid
         self.modality = str(cached["modality"])  # "ct" | "mri"
         self.training: _Training | None = None
+        self.inputs: torch.Tensor | None = None  # the decoder's token-resolution input, once a decoder exists
 
     # ------------------------------------------------------------------ features
 
@@ -163,11 +168,10 @@ class ScribbleSession:
     def _compute_features(self, progress: ProgressFn, should_stop: StopFn) -> dict[str, np.ndarray]:
         pre = preprocess_volume(self.volume, self.preprocessing, modality=self.modality_hint, source=self.source)
         p = self.encoder.cfg.patch_size
-        image, low = _pad_grid(pre.array, p, self.window)  # (X, Y, Z) whole patches, at least one window
-        affine = pre.affine.copy()
-        affine[:3, 3] -= pre.affine[:3, :3] @ low  # voxel 0 of the padded grid
+        image = np.pad(pre.array, [(0, -n % p) for n in pre.array.shape])  # whole patches; voxel 0 stays
         features = token_field(self.encoder, image, self.window // p, self.device, progress, should_stop)
-        return {"image": image, "features": features, "affine": affine, "modality": np.array(pre.modality)}
+        return {"image": image.astype(np.float32), "features": features, "affine": pre.affine,
+                "modality": np.array(pre.modality)}
 
     # ------------------------------------------------------------------ training
 
@@ -204,18 +208,20 @@ class ScribbleSession:
         classes, target = self.targets(scribbles, background)
         first = self._prepare_decoder(classes)
         steps = self.settings.steps_first if first else self.settings.steps_warm
-        painted = torch.from_numpy(np.flatnonzero(target != IGNORE))  # flat indices into the padded grid
-        labels = torch.from_numpy(target.reshape(-1)[painted.numpy()].astype(np.int64))
-        counts = torch.bincount(labels, minlength=len(classes) + 1).float()
-        weight = (counts.sum() / counts.clamp_min(1) / len(counts)).to(self.device) if self.settings.balance else None
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.training.steps)
+        xyz = np.stack(np.nonzero(target != IGNORE), axis=1)  # (n, 3) painted voxels of the padded model grid
+        labels = torch.from_numpy(target[tuple(xyz.T)].astype(np.int64))
+        weight = None
+        if self.settings.balance:  # strokes are as long as the user draws them, not as large as the classes
+            counts = torch.bincount(labels, minlength=len(classes) + 1).float()
+            weight = (counts.sum() / (len(counts) * counts.clamp_min(1))).to(self.device)
+        rng = np.random.default_rng((self.seed, self.training.steps))
         decoder, optimizer = self.training.decoder.train(), self.training.optimizer
         for step in range(steps):
             check_stop(should_stop)
-            pick = torch.randint(len(painted), (self.settings.points,), generator=generator)
-            features = F.dropout(self.features, self.settings.feature_dropout) if self.settings.feature_dropout else self.features
-            logits = decoder.forward_points(self.image, features, painted[pick][None].to(self.device))
-            loss = F.cross_entropy(logits, labels[pick][None].to(self.device), weight=weight)  # logits (1, K+1, N)
+            box, points, picked = self._crop_points(xyz, rng)
+            field_ = decoder.field(self.image, inputs=self.inputs, box=box)
+            logits = decoder.forward_points(self.image[(..., *box)], None, points[None].to(self.device), field=field_)
+            loss = F.cross_entropy(logits, labels[picked][None].to(self.device), weight=weight)  # logits (1, K+1, N)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -224,6 +230,22 @@ class ScribbleSession:
             report(progress, step + 1, steps, "training", loss=self.training.loss)
         decoder.eval()
         return self.training.loss
+
+    def _crop_points(self, xyz: np.ndarray, rng: np.random.Generator) -> tuple[tuple[slice, ...], torch.Tensor, np.ndarray]:
+        """A crop around a random painted voxel, and `points` painted voxels inside it, away from its cut sides
+        (where the decoder's field would differ from the whole volume's): (box, flat indices into the crop,
+        indices into `xyz`)."""
+        grid = np.array(self.image.shape[2:])
+        s, margin = self.training.decoder.stride, _margin(self.training.decoder)
+        edge = np.minimum(grid, max(self.settings.crop, -(-(4 * margin) // s) * s))
+        start = np.clip(xyz[rng.integers(len(xyz))] - edge // 2, 0, grid - edge) // s * s
+        low = np.where(start > 0, start + margin, 0)
+        high = np.where(start + edge < grid, start + edge - margin, grid)
+        inside = np.flatnonzero(np.all((xyz >= low) & (xyz < high), axis=1))
+        picked = inside[rng.integers(len(inside), size=self.settings.points)]
+        flat = np.ravel_multi_index(tuple((xyz[picked] - start).T), tuple(edge))
+        box = tuple(slice(int(a), int(a + e)) for a, e in zip(start, edge))
+        return box, torch.from_numpy(flat.astype(np.int64)), picked
 
     def targets(self, scribbles: Volume | np.ndarray, background: int) -> tuple[list[int], np.ndarray]:
         """The class values and the training target on the padded model grid (X, Y, Z) uint8:
@@ -251,6 +273,9 @@ class ScribbleSession:
             new = decoder.state_dict()
             decoder.load_state_dict({k: old[k] if old[k].shape == v.shape else v for k, v in new.items()})
         decoder.to(self.device)
+        if self.inputs is None:
+            with torch.no_grad():
+                self.inputs = decoder.token_inputs(self.image, self.features)  # (1, 4C + 2, gx, gy, gz)
         optimizer = torch.optim.AdamW(decoder.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
         steps = self.training.steps if self.training is not None else 0
         self.training = _Training(decoder, optimizer, list(classes), steps)
@@ -283,20 +308,32 @@ class ScribbleSession:
 
     def _box_probabilities(self, box: tuple[slice, slice, slice], progress: ProgressFn,
                            should_stop: StopFn) -> np.ndarray:
-        """Softmax probabilities (K+1, bx, by, bz) float32 of a box of the padded model grid."""
+        """Softmax probabilities (K+1, bx, by, bz) float32 of a box of the padded model grid.
+
+        The decoder's field is computed on the box grown by its margin of influence, so the box's
+        voxels are decoded as in the whole volume.
+        """
         decoder = self.training.decoder
-        _, Y, Z = self.image.shape[2:]
-        bx, by, bz = (s.stop - s.start for s in box)
-        yz = (torch.arange(box[1].start, box[1].stop)[:, None] * Z + torch.arange(box[2].start, box[2].stop)).reshape(-1)
-        rows = max(1, self.settings.chunk // (by * bz))
+        grid, s = np.array(self.image.shape[2:]), decoder.stride
+        low = np.array([b.start for b in box])
+        high = np.array([b.stop for b in box])
+        margin = _margin(decoder)
+        outer_low = np.maximum(0, low - margin) // s * s
+        outer_high = np.minimum(grid, -(-(high + margin) // s) * s)
+        outer = tuple(slice(int(a), int(b)) for a, b in zip(outer_low, outer_high))
+        size = outer_high - outer_low
+        bx, by, bz = high - low
+        yz = (torch.arange(low[1], high[1]) - outer_low[1])[:, None] * size[2] + torch.arange(low[2], high[2]) - outer_low[2]
+        rows = max(1, self.settings.chunk // int(by * bz))
         out = np.empty((decoder.config["num_classes"], bx, by, bz), dtype=np.float32)
         with torch.inference_mode():
-            field_ = decoder.field(self.image, self.features)
+            crop = self.image[(..., *outer)]
+            field_ = decoder.field(self.image, inputs=self.inputs, box=outer)
             for i0 in range(0, bx, rows):
                 check_stop(should_stop)
-                x = torch.arange(box[0].start + i0, box[0].start + min(bx, i0 + rows))
-                points = (x[:, None] * (Y * Z) + yz).reshape(1, -1).to(self.device)
-                logits = decoder.forward_points(self.image, self.features, points, field=field_)  # (1, K+1, n)
+                x = torch.arange(low[0] + i0, low[0] + min(bx, i0 + rows)) - outer_low[0]
+                points = (x[:, None] * int(size[1] * size[2]) + yz.reshape(-1)).reshape(1, -1).to(self.device)
+                logits = decoder.forward_points(crop, None, points, field=field_)  # (1, K+1, n)
                 out[:, i0 : i0 + len(x)] = torch.softmax(logits[0].float(), 0).reshape(-1, len(x), by, bz).cpu().numpy()
                 report(progress, min(bx, i0 + rows), bx, "predicting")
         return out
@@ -355,12 +392,10 @@ def _consistent(found: dict[str, np.ndarray], encoder: ViT3D) -> bool:
             and bool(np.isfinite(image).all() and np.isfinite(features).all()))
 
 
-def _pad_grid(array: np.ndarray, p: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (X, Y, Z) with zeros to whole patches and at least one window; returns it and the low pads (3,)."""
-    size = [max(window, -(-n // p) * p) for n in array.shape]
-    low = np.array([(s - n) // 2 for n, s in zip(array.shape, size)])
-    pads = [(lo, s - n - lo) for lo, n, s in zip(low, array.shape, size)]
-    return np.ascontiguousarray(np.pad(array, pads), dtype=np.float32), low
+def _margin(decoder: LightDecoder) -> int:
+    """Voxels from a crop's cut side within which the decoder's output differs from the whole volume's: the
+    mid-resolution convolutions reach two field voxels, the image convolution one voxel."""
+    return (2 * decoder.stride if decoder.config["mid"] else 0) + 1
 
 
 def _starts(grid: int, window: int) -> list[int]:
@@ -372,19 +407,21 @@ def _starts(grid: int, window: int) -> list[int]:
 
 def token_field(encoder: ViT3D, image: np.ndarray, window: int, device: torch.device,
                 progress: ProgressFn = None, should_stop: StopFn = None, batch_size: int = 4) -> np.ndarray:
-    """`light_features` of a padded image (X, Y, Z) on its whole patch grid: (4C, gx, gy, gz) float16.
+    """`light_features` of an image (X, Y, Z) of whole patches on its whole patch grid: (4C, gx, gy, gz) float16.
 
     Windows of `window` patches overlap; each token is the mean of the windows that saw it, weighted
-    by how far inside each window it lies (1 at a window's face, window/2 at its centre).
+    by how far inside each window it lies (1 at a window's face, window/2 at its centre). Along an
+    axis shorter than a window, the image is padded with zeros for the encoder.
     """
     p = encoder.cfg.patch_size
     grid = [n // p for n in image.shape]
-    corners = [(a, b, c) for a in _starts(grid[0], window) for b in _starts(grid[1], window)
-               for c in _starts(grid[2], window)]
+    x = torch.from_numpy(np.pad(image, [(0, max(0, window - g) * p) for g in grid]))
+    big = [max(g, window) for g in grid]
+    corners = [(a, b, c) for a in _starts(big[0], window) for b in _starts(big[1], window)
+               for c in _starts(big[2], window)]
     ramp = torch.minimum(torch.arange(1, window + 1), torch.arange(window, 0, -1)).float()
     weight = ramp[:, None, None] * ramp[None, :, None] * ramp[None, None, :]  # (w, w, w)
-    total, norm = None, torch.zeros(grid)
-    x = torch.from_numpy(image)
+    total, norm = None, torch.zeros(big)
     encoder = encoder.to(device).eval()
     with torch.inference_mode():
         for first in range(0, len(corners), batch_size):
@@ -394,13 +431,13 @@ def token_field(encoder: ViT3D, image: np.ndarray, window: int, device: torch.de
                                  for a, b, c in batch])[:, None].to(device)  # (b, 1, W, W, W)
             features = light_features(encoder, crops).float().cpu()  # (b, 4C, w, w, w)
             if total is None:
-                total = torch.zeros(features.shape[1], *grid)
+                total = torch.zeros(features.shape[1], *big)
             for (a, b, c), f in zip(batch, features):
                 total[:, a : a + window, b : b + window, c : c + window] += f * weight
                 norm[a : a + window, b : b + window, c : c + window] += weight
             report(progress, min(len(corners), first + batch_size), len(corners), "computing encoder features")
     encoder.to("cpu")
-    return (total / norm).to(torch.float16).numpy()
+    return (total / norm)[:, : grid[0], : grid[1], : grid[2]].to(torch.float16).numpy()
 
 
 def check_scribbles(scribbles: Volume | np.ndarray, image: Volume, background: int) -> tuple[np.ndarray, list[int]]:

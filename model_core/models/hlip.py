@@ -22,7 +22,7 @@ blocks 2, 5, 8, 11, 0-based); "three-level" = slice, scan, study repeated.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

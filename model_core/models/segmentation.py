@@ -165,43 +165,58 @@ class LightDecoder(nn.Module):
             nn.Conv3d(field + refine // 2 + in_channels, refine, 1), nn.GELU(), nn.Conv3d(refine, num_classes, 1)
         )
 
-    def _coarse(self, image: Tensor, features: Tensor) -> Tensor:
+    def token_inputs(self, image: Tensor, features: Tensor) -> Tensor:
+        """The token-resolution input (B, 4C + 2C', gx, gy, gz): the features, then the image's mean and standard
+        deviation in every patch (intensity the encoder's layer norms may hide). It does not depend on the weights."""
         expected = tuple(s * self.patch_size for s in features.shape[2:])
         if tuple(image.shape[2:]) != expected:
             raise Ar3dInputError(
                 f"image of spatial size {tuple(image.shape[2:])} does not match a {tuple(features.shape[2:])} "
                 f"token grid of patch size {self.patch_size}"
             )
-        # The image's mean and standard deviation in every patch: intensity the encoder's layer norms may hide.
-        mean = F.avg_pool3d(image, self.patch_size)  # (B, C, gx, gy, gz)
+        mean = F.avg_pool3d(image, self.patch_size)  # (B, C', gx, gy, gz)
         std = (F.avg_pool3d(image * image, self.patch_size) - mean * mean).clamp_min(0).sqrt()
-        return self.coarse(torch.cat([features.to(image.dtype), mean, std], dim=1))  # (B, refine, gx, gy, gz)
+        return torch.cat([features.to(image.dtype), mean, std], dim=1)
 
-    def _field(self, image: Tensor, features: Tensor) -> Tensor:
-        """The field the per-voxel refinement upsamples: (B, mid, X/s, Y/s, Z/s), or the token field when mid = 0."""
-        coarse = self._coarse(image, features)  # (B, refine, gx, gy, gz)
+    @property
+    def stride(self) -> int:
+        """Image voxels per field voxel: a quarter of the patch with the mid-resolution branch, the patch without."""
+        return max(1, self.patch_size // 4) if self.config["mid"] else self.patch_size
+
+    def field(
+        self, image: Tensor, features: Tensor | None = None, *, inputs: Tensor | None = None,
+        box: tuple[slice, slice, slice] | None = None,
+    ) -> Tensor:
+        """The field the per-voxel refinement upsamples: (B, mid, X/s, Y/s, Z/s), or the token field when mid = 0.
+
+        inputs: `token_inputs(image, features)`, when already computed (then `features` is unused).
+        box: voxel slices of `image` whose starts and stops are multiples of `stride`: the field of
+        `image[box]` only (to decode points of that crop), equal to the whole field there except within
+        two field voxels of a side that cuts the image (the token part is always computed whole).
+        """
+        coarse = self.coarse(self.token_inputs(image, features) if inputs is None else inputs)  # (B, refine, g...)
+        s = self.stride
+        cut = (...,) if box is None else (..., *(slice(b.start // s, b.stop // s) for b in box))
         if not self.config["mid"]:
-            return coarse
-        local = self.mid_image(image)  # (B, mid, X/s, Y/s, Z/s)
-        up = F.interpolate(coarse, size=local.shape[2:], mode="trilinear", align_corners=False)
+            return coarse[cut]
+        whole = [n // s for n in image.shape[2:]]
+        up = F.interpolate(coarse, size=whole, mode="trilinear", align_corners=False)[cut]  # (B, refine, box/s)
+        local = self.mid_image(image if box is None else image[(..., *box)])  # (B, mid, box/s)
         return self.mid(torch.cat([up, F.gelu(local)], dim=1))
 
     def forward(self, image: Tensor, features: Tensor) -> Tensor:
         """image (B, 1, X, Y, Z), features (B, 4C, gx, gy, gz) -> logits (B, K+1, X, Y, Z)."""
-        field = self._field(image, features)
+        field = self.field(image, features)
         up = F.interpolate(field, size=image.shape[2:], mode="trilinear", align_corners=False)  # (B, field, X, Y, Z)
         return self.refine(torch.cat([up, F.gelu(self.image(image)), image], dim=1))
-
-    def field(self, image: Tensor, features: Tensor) -> Tensor:
-        """What `forward_points` decodes points from: compute it once to decode many batches of points."""
-        return self._field(image, features)
 
     def forward_points(self, image: Tensor, features: Tensor, points: Tensor, field: Tensor | None = None) -> Tensor:
         """Logits at voxels `points` (B, N), flat indices into (X, Y, Z): (B, K+1, N), equal to `forward` there.
 
-        field: `self.field(image, features)` when it is already computed (features are then unused).
+        field: `self.field(image, features)` when it is already computed (features are then unused); for a crop
+        `image[box]`, `self.field(whole image, features, box=box)` with `image` the crop.
         """
-        field = self._field(image, features) if field is None else field
+        field = self.field(image, features) if field is None else field
         B, C = image.shape[:2]
         size = torch.tensor(image.shape[2:], device=image.device)
         ijk = torch.stack(torch.unravel_index(points, tuple(image.shape[2:])), dim=-1)  # (B, N, 3)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +27,8 @@ TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEFAULT_VOCAB = 2000  # WordPiece vocabulary trained on the reports
 DEFAULT_MAX_LENGTH = 128  # tokens of a report, [CLS] and [SEP] included
-SMALL_BERT = dict(model_type="bert", hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  intermediate_size=1024, type_vocab_size=1)  # the random-init tower (max positions = max_length)
+SMALL_BERT = {"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "intermediate_size": 1024, "type_vocab_size": 1}  # the random-init tower (max positions = max_length)
 _VLP_HINT = "install the vision-language extra: pip install 'napari-ar3d[vlp]'"
 
 
@@ -81,13 +81,13 @@ class ReportTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, max_length: int = DEFAULT_MAX_LENGTH) -> "ReportTokenizer":
+    def load(cls, path: str | os.PathLike, max_length: int = DEFAULT_MAX_LENGTH) -> ReportTokenizer:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"has no {path.name} (the tokenizer of the text tower)", path.parent)
         try:
             return cls(_tokenizers().Tokenizer.from_file(str(path)), max_length)
-        except Exception as exc:  # the Rust side raises plain Exceptions
+        except Exception as exc:  # noqa: BLE001 (the Rust side raises plain Exceptions)
             raise CheckpointError(f"cannot read the tokenizer ({exc})", path) from None
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import time
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_core.data.preprocess import PreprocessConfig
-from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError
+from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError, TrainingError
 from model_core.models.hlip import block_scopes, study_features
 from model_core.models.text import (
     DEFAULT_MAX_LENGTH,
@@ -52,6 +54,8 @@ HEAD = "hlip"  # the checkpoint's head entry
 HLIP_WINDOW = (96, 96, 64)  # default window of every scan (crop, crop, slab)
 MAX_LOGIT_SCALE = 100.0
 RANDOM_TEXT = "random init; WordPiece tokenizer trained on the reports"
+TOKENIZER_WAIT_S = 3600  # how long DDP ranks other than 0 wait for rank 0's tokenizer
+PROCESS_START = time.time()  # (about) when this process started: a tokenizer.json older than it is stale
 
 
 @lru_cache(maxsize=1)
@@ -66,7 +70,7 @@ def openclip_losses() -> Any:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise Ar3dEnvironmentError("HLIP's loss needs OpenCLIP: pip install --no-deps open-clip-torch")
-    path = Path(list(spec.submodule_search_locations)[0]) / "loss.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
     loader_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
     if loader_spec is None or loader_spec.loader is None or not path.is_file():
         raise Ar3dEnvironmentError(f"OpenCLIP is installed without its loss module ({path})")
@@ -139,7 +143,9 @@ def _loss(name: str) -> nn.Module:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     if name == "siglip":
         return module.SigLipLoss(rank=rank, world_size=world)
-    return module.ClipLoss(local_loss=False, gather_with_grad=world > 1, rank=rank, world_size=world)
+    # Under DDP: OpenCLIP's recommended pair (each rank's rows against every rank's features, gradients through
+    # the gather), which DDP's gradient averaging makes the loss of the whole global batch.
+    return module.ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
 
 
 # ---------------------------------------------------------------- the registry's hooks
@@ -182,10 +188,32 @@ def prepare_hlip(dataset, options: dict, out: Path, resumed: bool) -> dict:
         options.update(text={**pretrained_text_config(text_model), **text_overrides}, text_init=str(text_model),
                        text_source=f"pretrained: {Path(text_model).name}")
     else:
-        tokenizer = train_tokenizer(dataset.corpus(), vocab, max_length)
+        tokenizer = shared_tokenizer(out / TOKENIZER_FILE, lambda: train_tokenizer(dataset.corpus(), vocab, max_length),
+                                     max_length)
         options["text"] = small_text_config(tokenizer.vocab_size, max_length, **text_overrides)
-    if not resumed and int(os.environ.get("RANK", "0")) == 0:
+    if not resumed and _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out / TOKENIZER_FILE)
     dataset.set_tokenizer(tokenizer)
     return options
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def shared_tokenizer(path: Path, train: Callable[[], ReportTokenizer], max_length: int) -> ReportTokenizer:
+    """The tokenizer `train` makes, on rank 0; under DDP the other ranks read rank 0's from `path`.
+
+    WordPiece training is not reproducible across processes (ties between equally frequent pairs
+    fall by hash order), so only rank 0 trains; the others wait for a tokenizer.json written after
+    their own start (an older one is a previous run's).
+    """
+    if _rank() == 0:
+        return train()
+    deadline = time.monotonic() + TOKENIZER_WAIT_S
+    while not (path.is_file() and path.stat().st_mtime >= PROCESS_START - 1.0):
+        if time.monotonic() > deadline:
+            raise TrainingError(f"rank 0 wrote no tokenizer in {TOKENIZER_WAIT_S} s; see its error", path)
+        time.sleep(0.5)
+    return ReportTokenizer.load(path, max_length)
