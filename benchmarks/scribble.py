@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on a shared machine
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

@@ -244,7 +244,7 @@ def demo_settings():
     otherwise run its convolutions over the whole volume)."""
     from model_core.inference.scribble import ScribbleSettings
 
-    return ScribbleSettings(steps_first=100, steps_warm=40, points=4096, decoder={"hidden": 64, "refine": 16, "mid": 0})
+    return ScribbleSettings(steps_first=60, steps_warm=25, points=4096, decoder={"hidden": 64, "refine": 16, "mid": 0})
 
 
 def _copy_sample(out: Path, organ: str) -> tuple[dict[str, Path], dict[int, str], int]:

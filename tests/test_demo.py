@@ -108,8 +108,8 @@ def test_write_phantom_is_deterministic_by_seed(tmp_path):
 # ----------------------------------------------------------------------------- the real-scan demo (the default)
 
 # Liver Dice against the silver labels after the last corrective round of the default demo, measured
-# 2026-12-08 (see the report in docs/user_guide.md), minus a margin for drift across machines and torch versions.
-LIVER_FINAL_DICE_FLOOR = 0.5
+# 2026-12-08 (0.681: 0.367, 0.407, 0.554, 0.681 over the rounds), minus 0.1 for drift across machines and torch versions.
+LIVER_FINAL_DICE_FLOOR = 0.58
 SCAN_FILES = ("ct.nii.gz", "ct_silver_labels.nii.gz", "ct_scribble_labels.nii.gz", "ct_liver_seg.nii.gz",
               "ct_liver_uncertainty.nii.gz", "explain/attention.nii.gz", "explain/prediction.nii.gz",
               "explain/surprise.nii.gz")
@@ -144,7 +144,8 @@ def test_scan_demo_strokes_are_a_users_on_the_slices_it_reports(scan_demo):
     reported = sorted({k for r in json.loads((out / "dice.json").read_text())["rounds"] for k in r["slices"]})
     assert painted_slices == reported and len(painted_slices) <= 6
     assert (strokes == 2).sum() < 0.05 * silver.sum()  # thin strokes, not the mask
-    assert silver[strokes == 2].mean() > 0.9  # object strokes on the liver (corrections: its false negatives)
+    assert silver[strokes == 2].all()  # object strokes on the liver (corrections: on its false negatives)
+    assert not silver[strokes == 1].any()  # background strokes off it (the ring, corrections: false positives)
 
 
 def test_scan_demo_writes_every_file_on_the_ct_grid_and_tells_napari_how_to_open_them(scan_demo):

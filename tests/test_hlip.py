@@ -27,7 +27,7 @@ from model_core.data.studies import (
 )
 from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError
 from model_core.io.volume import read_volume
-from model_core.models.hlip import SCOPES, block_scopes, merge_tokens, split_tokens, study_features
+from model_core.models.hlip import SCOPES, HLIPEncoder, block_scopes, merge_tokens, split_tokens, study_features
 from model_core.models.vit import ViT3D, ViT3DConfig
 from model_core.training.loop import LOSS_LOG
 
@@ -99,8 +99,10 @@ def test_layouts_and_a_study_scope_everywhere_is_the_plain_encoder():
         block_scopes("scan,volume", 2)
     encoder = ViT3D(ViT3DConfig(patch_size=8, width=24, depth=2, heads=2)).eval()
     volumes = _study(scans=2)
-    ours, _ = study_features(encoder, volumes, ("study", "study"))
-    assert torch.allclose(ours, encoder(volumes)[0], atol=1e-6)
+    ours, blocks = HLIPEncoder(encoder, "study")(volumes, return_blocks=(1,))
+    plain, plain_blocks = encoder(volumes, return_blocks=(1,))
+    assert torch.allclose(ours, plain, atol=1e-6) and torch.allclose(blocks[0], plain_blocks[0], atol=1e-6)
+    assert not list(HLIPEncoder(encoder).parameters(recurse=False))  # no parameter of its own
     with pytest.raises(Ar3dInputError, match="1 to 8"):
         study_features(encoder, _study(scans=9), ("study", "study"))  # max_subvolumes limits the scans
 

@@ -72,7 +72,8 @@ class ScribbleSettings:
     steps_warm: int = 50  # steps of every later update (warm start)
     points: int = 4096  # painted voxels decoded per step
     crop: int = 64  # edge in voxels of the crop a step decodes (a multiple of the patch size)
-    lr: float = 3e-3
+    lr: float = 3e-3  # of the first update
+    lr_warm: float = 1e-3  # of later updates
     weight_decay: float = 0.01
     balance: bool = True  # weight each class by the inverse of its share of the painted voxels
     decoder: dict = field(default_factory=lambda: {"hidden": 32, "refine": 16, "mid": 8})  # LightDecoder options
@@ -93,10 +94,9 @@ class ScribbleResult:
 
 @dataclass
 class _Training:
-    """The decoder a session trains, with its optimizer (kept across updates: the warm start)."""
+    """The decoder a session trains (kept across updates: the warm start)."""
 
     decoder: LightDecoder
-    optimizer: torch.optim.Optimizer
     classes: list[int]
     steps: int = 0
     loss: float = float("nan")
@@ -215,7 +215,11 @@ class ScribbleSession:
             counts = torch.bincount(labels, minlength=len(classes) + 1).float()
             weight = (counts.sum() / (len(counts) * counts.clamp_min(1))).to(self.device)
         rng = np.random.default_rng((self.seed, self.training.steps))
-        decoder, optimizer = self.training.decoder.train(), self.training.optimizer
+        decoder = self.training.decoder.train()
+        # A new optimizer each update: Adam's second moments, tiny once the last strokes were fitted, would
+        # turn the new strokes' gradients into outsized first steps.
+        optimizer = torch.optim.AdamW(decoder.parameters(), lr=self.settings.lr if first else self.settings.lr_warm,
+                                      weight_decay=self.settings.weight_decay)
         for step in range(steps):
             check_stop(should_stop)
             box, points, picked = self._crop_points(xyz, rng)
@@ -276,9 +280,8 @@ class ScribbleSession:
         if self.inputs is None:
             with torch.no_grad():
                 self.inputs = decoder.token_inputs(self.image, self.features)  # (1, 4C + 2, gx, gy, gz)
-        optimizer = torch.optim.AdamW(decoder.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay)
         steps = self.training.steps if self.training is not None else 0
-        self.training = _Training(decoder, optimizer, list(classes), steps)
+        self.training = _Training(decoder, list(classes), steps)
         return True
 
     # ------------------------------------------------------------------ prediction
