@@ -7,8 +7,9 @@ The simulated user paints on slices across the image's coarsest axis (the last a
 - then 5 corrective rounds: after each update, the largest 3D connected region of false positives
   or false negatives; on its largest slice, the skeleton of its 2D section, painted with the right
   label (background for a false positive, object for a false negative).
-Every method gets the same strokes: each round's correction is computed from the prediction of the
-first method listed (ours with the shipped encoder), then replayed to the others.
+By default every method gets the same strokes: each round's correction is computed from the
+prediction of the first method listed (ours with the shipped encoder), then replayed to the others;
+with `--own-corrections` each method's corrections target its own errors.
 
 Methods (each trains on the painted voxels only, then predicts the whole volume):
 - `ours`: `ScribbleSession` with the shipped encoder (`ar3d-encoder`), light decoder warm-started;
@@ -200,7 +201,9 @@ METHODS = {"ours": lambda: Ours("ar3d-encoder"), "ours-random": lambda: Ours("ra
 # ----------------------------------------------------------------------------- runs
 
 
-def run_case(case: Case, data: Path, methods: list[str], rounds: int) -> dict:
+def run_case(case: Case, data: Path, methods: list[str], rounds: int, own: bool = False) -> dict:
+    """Dice and seconds of every update of each method. `own`: each method's corrections come from its own
+    errors (the same first strokes); otherwise every method gets the strokes computed from the first one's."""
     from model_core.io.volume import read_volume
 
     volume = read_volume(data / case.image)
@@ -208,22 +211,24 @@ def run_case(case: Case, data: Path, methods: list[str], rounds: int) -> dict:
     axis = stroke_axis(volume.spacing)
     runners = {name: METHODS[name]() for name in methods}
     results = {name: {"dice": [], "update_s": [], "start_s": runner.start(volume)} for name, runner in runners.items()}
-    scribbles = initial_strokes(truth, volume.spacing, axis)
+    strokes = dict.fromkeys(runners, initial_strokes(truth, volume.spacing, axis))
     for r in range(rounds + 1):
-        lead = None
+        preds = {}
         for name, runner in runners.items():
             t = time.perf_counter()
-            pred = runner.update(scribbles)
+            preds[name] = runner.update(strokes[name])
             results[name]["update_s"].append(round(time.perf_counter() - t, 2))
-            results[name]["dice"].append(round(dice(pred, truth), 4))
-            lead = pred if lead is None else lead
+            results[name]["dice"].append(round(dice(preds[name], truth), 4))
             print(f"{case.name} | {name} | round {r}: Dice {results[name]['dice'][-1]:.3f} "
                   f"({results[name]['update_s'][-1]:.1f} s)", flush=True)
         if r < rounds:
-            scribbles = correction(scribbles, lead, truth, axis)
-    painted = {"object": int((scribbles == OBJECT).sum()), "background": int((scribbles == BACKGROUND).sum())}
-    return {"case": case.name, "note": case.note, "shape": list(volume.shape), "axis": axis,
-            "painted_voxels_at_end": painted, "methods": results}
+            lead = methods[0]
+            strokes = {name: correction(strokes[name if own else lead], preds[name if own else lead], truth, axis)
+                       for name in runners}
+    for name in runners:
+        results[name]["painted_at_end"] = {"object": int((strokes[name] == OBJECT).sum()),
+                                           "background": int((strokes[name] == BACKGROUND).sum())}
+    return {"case": case.name, "note": case.note, "shape": list(volume.shape), "axis": axis, "methods": results}
 
 
 def cli_timing(data: Path) -> dict:
@@ -265,6 +270,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=5, help="corrective rounds (default 5)")
+    parser.add_argument("--own-corrections", action="store_true",
+                        help="correct each method's own errors (default: every method gets the first method's strokes)")
     parser.add_argument("--cli", action="store_true", help="also time `ar3d scribble` (first and repeated call)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -275,7 +282,9 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "cases": [run_case(CASES[c], args.data, args.methods, args.rounds) for c in args.cases]}
+              "corrections": "own" if args.own_corrections else f"from {args.methods[0]}",
+              "cases": [run_case(CASES[c], args.data, args.methods, args.rounds, args.own_corrections)
+                        for c in args.cases]}
     if args.cli:
         report["cli"] = cli_timing(args.data)
     print(table(report["cases"]))

@@ -239,12 +239,11 @@ def correction(scribbles: np.ndarray, pred: np.ndarray, truth: np.ndarray, axis:
 
 
 def demo_settings():
-    """The scribble session's settings in the demo: fewer steps than the widget's, so that the whole demo
-    stays under a minute on a 2-core CPU (the image-resolution branch is off: each training step would
-    otherwise run its convolutions over the whole volume)."""
+    """The scribble session's settings in the demo: the widget's, with fewer training steps, so that the
+    whole demo stays near a minute on a 2-core CPU."""
     from model_core.inference.scribble import ScribbleSettings
 
-    return ScribbleSettings(steps_first=60, steps_warm=25, points=4096, decoder={"hidden": 64, "refine": 16, "mid": 0})
+    return ScribbleSettings(steps_first=60, steps_warm=25)
 
 
 def _copy_sample(out: Path, organ: str) -> tuple[dict[str, Path], dict[int, str], int]:

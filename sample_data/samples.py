@@ -27,8 +27,6 @@ from model_core.vocabulary import CT_SOFT_TISSUE_HU
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
 FILES = Path(__file__).resolve().parent / "files"  # the scans shipped in the package
-TOTALSEG_CREDIT = "TotalSegmentator, Wasserthal et al., Apache-2.0"
-TCIA_CREDIT = "TCIA Brain-Tumor-Progression, Schmainda & Prah, CC BY 3.0"
 TCIA_STUDY = "PGBM-001/1991-11-19"
 
 

@@ -108,8 +108,8 @@ def test_write_phantom_is_deterministic_by_seed(tmp_path):
 # ----------------------------------------------------------------------------- the real-scan demo (the default)
 
 # Liver Dice against the silver labels after the last corrective round of the default demo, measured
-# 2026-12-08 (0.681: 0.367, 0.407, 0.554, 0.681 over the rounds), minus 0.1 for drift across machines and torch versions.
-LIVER_FINAL_DICE_FLOOR = 0.58
+# 2026-12-08 (0.288, 0.412, 0.433, 0.716 over the rounds), minus about 0.1 for drift across machines and torch versions.
+LIVER_FINAL_DICE_FLOOR = 0.6
 SCAN_FILES = ("ct.nii.gz", "ct_silver_labels.nii.gz", "ct_scribble_labels.nii.gz", "ct_liver_seg.nii.gz",
               "ct_liver_uncertainty.nii.gz", "explain/attention.nii.gz", "explain/prediction.nii.gz",
               "explain/surprise.nii.gz")

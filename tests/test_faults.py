@@ -38,7 +38,7 @@ from model_core.checkpoint.store import (
 )
 from model_core.cli import main
 from model_core.data.phantoms import make_ct_abdomen
-from model_core.errors import Ar3dEnvironmentError, Ar3dInputError
+from model_core.errors import Ar3dEnvironmentError
 from model_core.io.volume import write_volume
 from model_core.models.vit import ViT3DConfig
 from model_core.training.resume import work_folder

@@ -11,7 +11,7 @@ import torch
 from model_core.checkpoint.store import load_checkpoint, make_config, save_checkpoint
 from model_core.data.phantoms import make_ct_abdomen
 from model_core.data.preprocess import IntensityConfig, PreprocessConfig
-from model_core.errors import Ar3dEnvironmentError, Ar3dInputError, CheckpointError
+from model_core.errors import Ar3dEnvironmentError, CheckpointError
 from model_core.inference.segment import (
     count_windows,
     load_segmenter,

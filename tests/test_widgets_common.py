@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-WIDGETS = {"Segment": "SegmentWidget", "Explain": "ExplainWidget", "Fine-tune": "FinetuneWidget"}
+WIDGETS = {"Segment": "SegmentWidget", "Explain": "ExplainWidget", "Fine-tune": "FinetuneWidget",
+           "Scribble": "ScribbleWidget"}
 
 
 def test_every_widget_in_the_manifest_opens_from_the_plugins_menu(viewer):

@@ -1,4 +1,4 @@
-"""The `ar3d` command line: `ar3d demo | pretrain | info | explain | finetune | segment | evaluate | findings`.
+"""The `ar3d` command line: `ar3d demo | pretrain | info | explain | finetune | segment | scribble | findings | evaluate`.
 
 Each subcommand is a module here with a `COMMAND`: a name, a one-line help, a function that adds its
 arguments and a function that runs it (a thin layer over a core function) and returns the exit

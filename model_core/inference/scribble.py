@@ -464,6 +464,8 @@ def check_scribbles(scribbles: Volume | np.ndarray, image: Volume, background: i
     if not classes:
         raise Ar3dInputError(f"no object stroke: the scribbles hold only the background value {background}; "
                              "paint the object with another value", source)
+    if len(classes) >= IGNORE:
+        raise Ar3dInputError(f"the scribbles hold {len(classes)} classes; at most {IGNORE - 1} are supported", source)
     if background not in painted:
         if len(painted) == 1:
             raise Ar3dInputError(f"no background stroke: the scribbles hold only value {painted[0]}; paint some "
