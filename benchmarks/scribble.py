@@ -49,7 +49,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads c
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-OBJECT, BACKGROUND = 2, 1  # painted values
 SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0)  # ilastik's default scales between 0.7 and 5 (voxels)
 
 
@@ -76,62 +75,9 @@ CASES = {
 
 # ----------------------------------------------------------------------------- the simulated user
 
-
-def stroke_axis(spacing: np.ndarray) -> int:
-    """The axis the user paints across: the coarsest one, the last on ties."""
-    return int(max(range(3), key=lambda a: (round(float(spacing[a]), 3), a)))
-
-
-def _slice(axis: int, k: int) -> tuple:
-    return tuple(k if a == axis else slice(None) for a in range(3))
-
-
-def _skeleton(mask2d: np.ndarray) -> np.ndarray:
-    from skimage.morphology import skeletonize
-
-    return skeletonize(mask2d) if mask2d.any() else mask2d
-
-
-def initial_strokes(truth: np.ndarray, spacing: np.ndarray, axis: int) -> np.ndarray:
-    """Object skeleton and a 4-6 mm background ring on 3 slices through the object (see the module docstring)."""
-    scribbles = np.zeros(truth.shape, dtype=np.uint8)
-    coords = np.nonzero(truth)[axis]
-    in_plane = [float(spacing[a]) for a in range(3) if a != axis]
-    for q in (25, 50, 75):
-        k = int(np.percentile(coords, q, method="nearest"))
-        mask = truth[_slice(axis, k)]
-        distance = ndi.distance_transform_edt(~mask, sampling=in_plane)  # mm to the object
-        plane = scribbles[_slice(axis, k)]
-        plane[(distance >= 4) & (distance <= 6)] = BACKGROUND
-        plane[_skeleton(mask)] = OBJECT
-    return scribbles
-
-
-def correction(scribbles: np.ndarray, pred: np.ndarray, truth: np.ndarray, axis: int) -> np.ndarray:
-    """The next round's scribbles: a stroke on the largest error region's largest slice (a new array)."""
-    best = None
-    for wrong, value in ((pred & ~truth, BACKGROUND), (~pred & truth, OBJECT)):
-        regions, n = ndi.label(wrong)
-        if n:
-            sizes = np.bincount(regions.ravel())[1:]
-            if best is None or sizes.max() > best[0]:
-                best = (int(sizes.max()), regions == 1 + int(sizes.argmax()), value)
-    out = scribbles.copy()
-    if best is None:
-        return out
-    _, region, value = best
-    per_slice = region.sum(axis=tuple(a for a in range(3) if a != axis))
-    k = int(per_slice.argmax())
-    section = region[_slice(axis, k)]
-    stroke = _skeleton(section)
-    plane = out[_slice(axis, k)]
-    plane[stroke if stroke.any() else section] = value
-    return out
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum() + truth.sum())
-    return 2.0 * int((pred & truth).sum()) / total if total else 1.0
+# The same simulated user as `ar3d demo`: strokes on 3 slices, corrections on the largest error region.
+from model_core.demo import BACKGROUND, OBJECT, correction, initial_strokes, stroke_axis  # noqa: E402
+from model_core.inference.evaluate import dice  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- methods
@@ -211,7 +157,7 @@ def run_case(case: Case, data: Path, methods: list[str], rounds: int, own: bool 
     axis = stroke_axis(volume.spacing)
     runners = {name: METHODS[name]() for name in methods}
     results = {name: {"dice": [], "update_s": [], "start_s": runner.start(volume)} for name, runner in runners.items()}
-    strokes = dict.fromkeys(runners, initial_strokes(truth, volume.spacing, axis))
+    strokes = dict.fromkeys(runners, initial_strokes(truth, volume.spacing, axis)[0])
     for r in range(rounds + 1):
         preds = {}
         for name, runner in runners.items():
@@ -223,7 +169,7 @@ def run_case(case: Case, data: Path, methods: list[str], rounds: int, own: bool 
                   f"({results[name]['update_s'][-1]:.1f} s)", flush=True)
         if r < rounds:
             lead = methods[0]
-            strokes = {name: correction(strokes[name if own else lead], preds[name if own else lead], truth, axis)
+            strokes = {name: correction(strokes[name if own else lead], preds[name if own else lead], truth, axis)[0]
                        for name in runners}
     for name in runners:
         results[name]["painted_at_end"] = {"object": int((strokes[name] == OBJECT).sum()),
@@ -240,7 +186,7 @@ def cli_timing(data: Path) -> dict:
     truth = np.isin(np.rint(read_volume(data / case.truth).array).astype(np.int64), case.values)
     with tempfile.TemporaryDirectory() as tmp:
         strokes = Path(tmp) / "scribbles.nii.gz"
-        write_volume(strokes, initial_strokes(truth, volume.spacing, stroke_axis(volume.spacing)),
+        write_volume(strokes, initial_strokes(truth, volume.spacing, stroke_axis(volume.spacing))[0],
                      volume.affine, kind="labels", like=volume)
         env = dict(os.environ, AR3D_CACHE_DIR=str(Path(tmp) / "cache"))
         command = [sys.executable, "-m", "model_core.cli", "scribble", str(data / case.image),

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.ndimage as ndi
 
+from model_core.errors import Ar3dInputError
 from model_core.io.volume import (
     read_label_names,
     read_volume,
@@ -44,7 +45,6 @@ from model_core.io.volume import (
     write_label_names,
     write_volume,
 )
-from model_core.errors import Ar3dInputError
 from model_core.progress import ProgressFn, report
 from model_core.vocabulary import DEFAULT_ENCODER, DEFAULT_SEGMENTER, DEMO_ORGANS
 

@@ -36,9 +36,9 @@ REGISTRY = {
 
 def sample_cache_dir() -> Path:
     """Where downloaded samples are kept: `samples/` beside the feature cache's folder."""
-    from model_core.inference.feature_cache import cache_dir
+    from model_core.io.cache import user_cache
 
-    return cache_dir().parent / "samples"
+    return user_cache("samples")
 
 
 def base_url() -> str:

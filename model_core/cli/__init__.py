@@ -24,7 +24,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from model_core.cli import demo, evaluate, explain, finetune, findings, info, pretrain, scribble, segment
+from model_core.cli import demo, evaluate, explain, findings, finetune, info, pretrain, scribble, segment
 from model_core.errors import Ar3dError, Ar3dInputError
 
 COMMANDS = [module.COMMAND

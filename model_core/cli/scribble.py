@@ -33,10 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_core.inference.outputs import output_paths
+    from model_core.inference.outputs import output_paths, write_segmentation
     from model_core.inference.scribble import ScribbleSession, check_scribbles
     from model_core.io.volume import WRITE_SUFFIXES, read_label_names, read_volume
-    from model_core.training.finetune import _check_out
+    from model_core.training.finetune import check_new_model_folder
 
     for item in (args.image, args.scribbles):
         if not Path(item).exists():
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if not target.name.lower().endswith(WRITE_SUFFIXES):
         raise Ar3dInputError(f"the output must end with one of {', '.join(WRITE_SUFFIXES)}", target)
     if args.save_model is not None:
-        _check_out(args.save_model)
+        check_new_model_folder(args.save_model)
     image, scribbles = read_volume(args.image), read_volume(args.scribbles)
     _, classes = check_scribbles(scribbles, image, args.background)  # before the encoder runs
     names = {v: read_label_names(args.scribbles).get(v, f"label_{v}") for v in classes}
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.save_model is not None:
             written.append(session.save_model(args.save_model, names, {"command": "ar3d scribble"}))
-        written += write_outputs(result, image, target, stem, names, args.probabilities)
+        written += write_segmentation(result, image, target, stem, args.probabilities,
+                                      names={v: names[v] for v in result.classes})
     except BaseException:
         if args.save_model is not None and written:
             shutil.rmtree(written[0], ignore_errors=True)  # the model: the outputs removed their own files
@@ -72,29 +73,6 @@ def run(args: argparse.Namespace) -> int:
     if args.save_model is not None:
         print(f"model: {args.save_model}")
     return 0
-
-
-def write_outputs(result, image, target: Path, stem: Path, names: dict[int, str], probabilities: bool) -> list[Path]:
-    """Write the label map (last), its class names and, on request, the probabilities and the uncertainty."""
-    from model_core.inference.outputs import file_safe
-    from model_core.io.volume import split_suffix, write_label_names, write_volume
-
-    suffix = split_suffix(target)[1]
-    written: list[Path] = []
-    try:
-        if probabilities:
-            for name, prob in zip(["background", *(names[v] for v in result.classes)], result.probabilities):
-                written.append(write_volume(f"{stem}_prob_{file_safe(name)}{suffix}", prob, image.affine,
-                                            kind="float", like=image))
-            written.append(write_volume(f"{stem}_uncertainty{suffix}", result.uncertainty, image.affine,
-                                        kind="float", like=image))
-        written.append(write_label_names(target, {v: names[v] for v in result.classes}))
-        written.append(write_volume(target, result.labels, image.affine, kind="labels", like=image))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    return written
 
 
 COMMAND = Command("scribble", "segment a scan from a few painted strokes; labels hold the painted values",

@@ -28,23 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CACHE_ENV = "AR3D_CACHE_DIR"
-APP_NAME = "napari-ar3d"
+from model_core.io.cache import CACHE_ENV, user_cache  # noqa: F401  (tests set CACHE_ENV through this module)
+
 DEFAULT_MAX_BYTES = 2 * 2**30  # 2 GiB
 SUFFIX = ".npz"
 
 
 def cache_dir() -> Path:
     """The features folder: $AR3D_CACHE_DIR/features, else the user cache folder's."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        try:
-            from platformdirs import user_cache_dir
-        except ImportError:
-            root = str(Path.home() / ".cache" / APP_NAME)
-        else:
-            root = user_cache_dir(APP_NAME, appauthor=False)
-    return Path(root).expanduser() / "features"
+    return user_cache("features")
 
 
 def volume_digest(array: np.ndarray, affine: np.ndarray) -> str:

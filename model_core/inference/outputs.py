@@ -72,24 +72,25 @@ def output_paths(inputs: Sequence[str | os.PathLike], output: Path) -> list[tupl
 
 def write_segmentation(
     result: SegmentationResult, volume: Volume, target: Path, stem: Path, probabilities: bool = False,
-    algorithm: Algorithm | None = None,
+    algorithm: Algorithm | None = None, names: dict[int, str] | None = None,
 ) -> list[Path]:
     """Write one input's outputs; the label map last, so an input's files appear together or not at all.
 
     A `.dcm` target is a DICOM-SEG of the DICOM series `volume` was read from, made by `algorithm`;
-    its probability maps are NIfTI.
+    its probability maps are NIfTI. names: label value -> class name, in the order of the probability
+    channels after the background (default: value k is `result.classes[k - 1]`).
     """
+    names = dict(enumerate(result.classes, 1)) if names is None else names
     dicom_seg = is_dicom_seg_path(target)
     written: list[Path] = []
     try:
         if probabilities:
             suffix = ".nii.gz" if dicom_seg else split_suffix(target)[1]
-            for name, prob in zip(["background", *result.classes], result.probabilities):
+            for name, prob in zip(["background", *names.values()], result.probabilities):
                 written.append(write_volume(f"{stem}_prob_{file_safe(name)}{suffix}", prob,
                                             volume.affine, kind="float", like=volume))
             written.append(write_volume(f"{stem}_uncertainty{suffix}", result.uncertainty,
                                         volume.affine, kind="float", like=volume))
-        names = dict(enumerate(result.classes, 1))
         if dicom_seg:
             written.append(write_dicom_seg(target, result.labels, volume.affine, volume.meta.get("source_files", []),
                                            names, algorithm))

@@ -44,7 +44,7 @@ from model_core.data.preprocess import (
 from model_core.device import resolve_device
 from model_core.errors import Ar3dInputError
 from model_core.inference import feature_cache
-from model_core.inference.segment import _to_source_grid
+from model_core.inference.segment import to_source_grid
 from model_core.io.volume import Volume, check_image, check_labels, read_volume
 from model_core.models.segmentation import (
     LIGHT_LEVELS,
@@ -56,7 +56,7 @@ from model_core.models.segmentation import (
 )
 from model_core.models.vit import ViT3D
 from model_core.progress import ProgressFn, StopFn, check_stop, report
-from model_core.training.finetune import _check_out, modality_name
+from model_core.training.finetune import check_new_model_folder, modality_name
 from model_core.vocabulary import DEFAULT_ENCODER, IGNORE, MODEL_SPACING, WINDOW_PATCHES
 
 Region = Sequence[slice | int]  # index slices (or single indices) along the image's three axes
@@ -303,7 +303,7 @@ class ScribbleSession:
         region_affine[:3, 3] += self.volume.affine[:3, :3] @ [s.start for s in where]
         shape = tuple(s.stop - s.start for s in where)
         grid = Preprocessed(None, box_affine, self.modality, None, shape, region_affine)
-        index, uncertainty, full = _to_source_grid(probs, grid, probabilities, should_stop)
+        index, uncertainty, full = to_source_grid(probs, grid, probabilities, should_stop)
         classes = self.training.classes
         values = np.array([0, *classes], dtype=np.uint8 if max(classes) < 256 else np.uint16)
         return ScribbleResult(values[index], uncertainty, list(classes), where, full,
@@ -353,7 +353,7 @@ class ScribbleSession:
         if self.training is None:
             raise Ar3dInputError("nothing is trained yet: update the session with scribbles before saving a model")
         out = Path(out)
-        _check_out(out)
+        check_new_model_folder(out)
         names = {**{v: f"label_{v}" for v in self.training.classes}, **(class_names or {})}
         decoder = self.training.decoder.to("cpu")
         model = SegmentationModel(self.encoder.to("cpu"), decoder)

@@ -187,7 +187,7 @@ def segment(
     timings["windows"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    labels, uncertainty, full = _to_source_grid(probs, pre, probabilities, should_stop)
+    labels, uncertainty, full = to_source_grid(probs, pre, probabilities, should_stop)
     timings["resample"] = time.perf_counter() - t
     return SegmentationResult(labels, uncertainty, np.asarray(volume.affine, dtype=np.float64).copy(),
                               list(segmenter.classes), full, timings)
@@ -285,7 +285,7 @@ def _sliding_window(
     return torch.as_tensor(out)[0].numpy()  # (K+1, X, Y, Z)
 
 
-def _to_source_grid(
+def to_source_grid(
     probs: np.ndarray, pre, keep: bool, should_stop: StopFn, chunk: int = 2**24
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Labels (argmax), uncertainty and optionally probabilities (K+1, I, J, K) on the input grid.

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_core.io.cache import platform_cache_dir
+
 RECOVERY_ENV = "AR3D_RECOVERY_DIR"
 SUFFIX = ".npz"
 _TMP_PREFIX = ".saving-"
@@ -53,13 +55,7 @@ class RecoveredLabels:
 def recovery_dir() -> Path:
     """$AR3D_RECOVERY_DIR, else the user cache folder's napari-ar3d/recovery."""
     root = os.environ.get(RECOVERY_ENV)
-    if root:
-        return Path(root).expanduser()
-    try:
-        from platformdirs import user_cache_dir
-    except ImportError:
-        return Path.home() / ".cache" / "napari-ar3d" / "recovery"
-    return Path(user_cache_dir("napari-ar3d", appauthor=False)) / "recovery"
+    return Path(root).expanduser() if root else platform_cache_dir() / "recovery"
 
 
 def image_key(source: str | os.PathLike, data: np.ndarray) -> str:

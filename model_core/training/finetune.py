@@ -404,7 +404,8 @@ def publish(work: Path, out: Path, model: SegmentationModel, result: TrainResult
     os.rename(work, out)
 
 
-def _check_out(out: Path) -> None:
+def check_new_model_folder(out: Path) -> None:
+    """Refuse an output folder that is a file, holds a checkpoint or is not empty: a model goes into a new folder."""
     if out.exists() and not out.is_dir():
         raise Ar3dInputError("the output must be a folder, and this is a file", out)
     if has_checkpoint(out):
@@ -470,7 +471,7 @@ def finetune(
     cfg = cfg or FinetuneConfig()
     out = Path(out)
     work = work_folder(out)
-    _check_out(out)
+    check_new_model_folder(out)
     check_work_folder(work, resume)
     resuming = resume and has_checkpoint(work)
     if resuming and load_train_state(work) is None:  # killed after the final save, before the rename
